@@ -1,0 +1,55 @@
+# ivs-fanout — one broadcaster, a pool of IVS Real-Time Stages, a large real-time audience.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --warn-undefined-variables --no-builtin-rules
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+SDK_VERSION := 1.41.0
+SDK_JS := web/vendor/amazon-ivs-web-broadcast.js
+PROTO_SRC := $(wildcard protos/fanout/v1/*.proto)
+
+.PHONY: help setup run test lint proto check-proto bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(SDK_JS):
+	mkdir -p web/vendor .fanout/sdk
+	cd .fanout/sdk && npm pack --silent amazon-ivs-web-broadcast@$(SDK_VERSION) >/dev/null
+	tar -xzf .fanout/sdk/amazon-ivs-web-broadcast-$(SDK_VERSION).tgz -C .fanout/sdk
+	cp .fanout/sdk/package/dist/amazon-ivs-web-broadcast.js $(SDK_JS)
+
+setup: $(BIN)/.installed $(SDK_JS) ## Create the virtualenv, install pinned dependencies, vendor the IVS web SDK
+
+proto: $(BIN)/.installed ## Regenerate the gRPC code from protos/
+	PATH=$(BIN):$$PATH $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
+		--mypy_out=quiet:. --mypy_grpc_out=quiet:. $(PROTO_SRC)
+
+check-proto: proto ## Fail if the generated gRPC code is stale
+	@git diff --exit-code -- protos/ || { echo "generated code in protos/ is stale: run 'make proto' and commit" >&2; exit 1; }
+
+run: setup ## Start the whole system locally (IVS emulator, services, gateway, pages)
+	$(PY) -m tools.run_local
+
+test: setup ## Run every test (unit, integration, browser)
+	$(PY) -m pytest -q
+
+lint: setup ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/mypy services gateway tools
+
+bench: setup ## Measure viewer-token throughput and latency through the whole path
+	$(PY) -m tools.bench
+
+clean: ## Remove the virtualenv, local state and caches
+	rm -rf $(VENV) .fanout web/vendor .pytest_cache .mypy_cache .ruff_cache
