@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import re
 from collections.abc import Mapping, Sequence
 
@@ -16,13 +17,15 @@ class Env:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
 
-    def raw(self, name: str) -> str | None:
+    def raw(self, name: builtins.str) -> builtins.str | None:
         value = self._environ.get(name)
         if value is None or value.strip() == "":
             return None
         return value.strip()
 
-    def str(self, name: str, default: str, pattern: str | None = None) -> str:
+    def str(
+        self, name: builtins.str, default: builtins.str, pattern: builtins.str | None = None
+    ) -> builtins.str:
         value = self.raw(name)
         if value is None:
             return default
@@ -30,7 +33,13 @@ class Env:
             raise ConfigError(f"{name}={value!r} does not match {pattern}")
         return value
 
-    def int(self, name: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
+    def int(
+        self,
+        name: builtins.str,
+        default: builtins.int,
+        minimum: builtins.int | None = None,
+        maximum: builtins.int | None = None,
+    ) -> builtins.int:
         value = self.raw(name)
         if value is None:
             return default
@@ -42,8 +51,12 @@ class Env:
         return number
 
     def float(
-        self, name: str, default: float, minimum: float | None = None, maximum: float | None = None
-    ) -> float:
+        self,
+        name: builtins.str,
+        default: builtins.float,
+        minimum: builtins.float | None = None,
+        maximum: builtins.float | None = None,
+    ) -> builtins.float:
         value = self.raw(name)
         if value is None:
             return default
@@ -56,7 +69,7 @@ class Env:
         _check_range(name, number, minimum, maximum)
         return number
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self.raw(name)
         if value is None:
             return default
@@ -67,7 +80,9 @@ class Env:
             return False
         raise ConfigError(f"{name}={value!r} is not a boolean (use true or false)")
 
-    def choice(self, name: str, default: str, choices: Sequence[str]) -> str:
+    def choice(
+        self, name: builtins.str, default: builtins.str, choices: Sequence[builtins.str]
+    ) -> builtins.str:
         value = self.raw(name)
         if value is None:
             return default
@@ -75,7 +90,7 @@ class Env:
             raise ConfigError(f"{name}={value!r} must be one of {', '.join(choices)}")
         return value
 
-    def list(self, name: str) -> list[str]:
+    def list(self, name: builtins.str) -> builtins.list[builtins.str]:
         value = self.raw(name)
         if value is None:
             return []

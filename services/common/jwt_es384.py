@@ -71,9 +71,7 @@ def _json(obj: Mapping[str, Any]) -> bytes:
 
 def sign(claims: Mapping[str, Any], key: ec.EllipticCurvePrivateKey, kid: str) -> str:
     """Encodes and signs a JWT with header {alg: ES384, typ: JWT, kid}."""
-    signing_input = (
-        _b64url(_json({"alg": "ES384", "typ": "JWT", "kid": kid})) + "." + _b64url(_json(claims))
-    )
+    signing_input = _b64url(_json({"alg": "ES384", "typ": "JWT", "kid": kid})) + "." + _b64url(_json(claims))
     der = key.sign(signing_input.encode("ascii"), _SIGNATURE_ALGORITHM)
     r, s = decode_dss_signature(der)
     # JWS wants the raw fixed-width r||s pair, not DER.

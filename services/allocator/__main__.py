@@ -1,0 +1,49 @@
+"""Composition root of the allocator process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import grpc
+from prometheus_client import CollectorRegistry, start_http_server
+
+from services.allocator.config import read_settings
+from services.allocator.server import start_allocator
+from services.common.env import ConfigError
+from services.common.ivs_calls import make_ivs_client
+from services.common.lifecycle import run_service, wait_for_stop_signal
+from services.common.logs import configure_logging
+
+log = logging.getLogger("services.allocator")
+
+
+async def main() -> None:
+    try:
+        settings = read_settings(os.environ)
+    except ConfigError as error:
+        sys.stderr.write(f"allocator: configuration error: {error}\n")
+        raise SystemExit(2) from None
+    configure_logging("allocator", settings.log_json)
+    registry = CollectorRegistry()
+    ivs_client = make_ivs_client(
+        settings.ivs.region, settings.ivs.endpoint_url, settings.ivs.local_credentials
+    )
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="0.0.0.0", registry=registry)
+    channel = grpc.aio.insecure_channel(settings.stagemanager_addr)
+    service = await start_allocator(settings, ivs_client, channel, registry)
+    log.info(
+        "allocator serving on port %d (%s tokens)",
+        service.port,
+        "self-signed" if settings.self_signed else "CreateParticipantToken",
+    )
+    await wait_for_stop_signal()
+    log.info("stopping")
+    await service.stop(settings.shutdown_grace_seconds)
+    await channel.close()
+
+
+if __name__ == "__main__":
+    run_service(main)

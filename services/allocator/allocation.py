@@ -1,0 +1,211 @@
+"""Who watches where: viewer placement, leases, and the tokens that go with them (DESIGN.md §3, §6)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from services.allocator.inventory import KEEPS_VIEWERS, StageInventory, StageView
+from services.allocator.placement import Candidate
+from services.allocator.store import LeaseStore
+from services.allocator.tokens import IssuedToken, StageEndpoints, TokenMinter
+from services.common.errors import NoCapacity, NotFound, Unavailable
+from services.common.ids import check_room_id, check_stage_arn, check_user_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlacementSettings:
+    soft_capacity: int = 50
+    hard_limit: int = 10_000
+    lease_seconds: int = 60
+    viewer_token_seconds: int = 12 * 3600
+    publisher_token_seconds: int = 12 * 3600
+    # How long IssuePublisherTokens waits for the WatchRoom stream to catch up with a revision.
+    revision_wait_seconds: float = 5.0
+    no_capacity_retry_after: int = 5
+
+
+@dataclass(frozen=True)
+class ViewerPlacement:
+    room: str
+    user_id: str
+    token: IssuedToken
+    lease_seconds: int
+    sticky: bool
+
+
+@dataclass(frozen=True)
+class StageOccupancy:
+    room: str
+    stage_arn: str
+    leased: int
+    observed: int
+    viewers: int
+    capacity: int
+
+
+class AllocatorMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.assignments = Counter(
+            "fanout_viewer_assignments",
+            "Viewer token requests by result (placed, sticky, refused, not_found).",
+            ["result"],
+            registry=registry,
+        )
+        self.token_latency = Histogram(
+            "fanout_allocator_token_seconds",
+            "Time to place a viewer and mint its token inside the allocator.",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=registry,
+        )
+        self.reaped = Counter(
+            "fanout_leases_reaped", "Viewer leases that expired without a leave.", registry=registry
+        )
+
+
+def _endpoints(stage: StageView) -> StageEndpoints:
+    return StageEndpoints(arn=stage.arn, events_url=stage.events_url, whip_url=stage.whip_url)
+
+
+class Allocator:
+    """Places viewers on the least-loaded eligible Stage, atomically, through the lease store."""
+
+    def __init__(
+        self,
+        inventory: StageInventory,
+        store: LeaseStore,
+        minter: TokenMinter,
+        settings: PlacementSettings,
+        metrics: AllocatorMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._inventory = inventory
+        self._store = store
+        self._minter = minter
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+
+    def _require_room(self, room: str) -> None:
+        check_room_id(room)
+        if not self._inventory.has_room(room):
+            raise NotFound(f"room {room} does not exist", code="room_not_found")
+
+    async def assign_viewer(self, room: str, user_id: str) -> ViewerPlacement:
+        started = time.perf_counter()
+        check_user_id(user_id)
+        try:
+            self._require_room(room)
+        except NotFound:
+            self._metrics.assignments.labels("not_found").inc()
+            raise
+        stages = {stage.arn: stage for stage in self._inventory.stages(room)}
+        candidates = [Candidate(stage.arn, stage.index) for stage in self._inventory.eligible(room)]
+        keep_on = [arn for arn, stage in stages.items() if stage.state in KEEPS_VIEWERS]
+        settings = self._settings
+        assignment = await self._store.assign(
+            room,
+            user_id,
+            candidates,
+            keep_on,
+            settings.soft_capacity,
+            settings.hard_limit,
+            settings.lease_seconds,
+            self._clock(),
+        )
+        if assignment is None:
+            self._metrics.assignments.labels("refused").inc()
+            raise NoCapacity(
+                f"room {room} has no Stage that can take another viewer",
+                code="no_capacity",
+                retry_after=settings.no_capacity_retry_after,
+            )
+        stage = stages[assignment.lease.stage_arn]
+        token = await self._minter.mint(
+            _endpoints(stage),
+            user_id,
+            publish=False,
+            subscribe=True,
+            attributes={"room": room, "role": "viewer"},
+            ttl_seconds=settings.viewer_token_seconds,
+        )
+        self._metrics.assignments.labels("sticky" if assignment.sticky else "placed").inc()
+        self._metrics.token_latency.observe(time.perf_counter() - started)
+        return ViewerPlacement(room, user_id, token, settings.lease_seconds, assignment.sticky)
+
+    async def renew_viewer(self, room: str, user_id: str) -> tuple[int, str]:
+        check_room_id(room)
+        check_user_id(user_id)
+        lease = await self._store.renew(room, user_id, self._settings.lease_seconds, self._clock())
+        if lease is None:
+            raise NotFound("this viewer has no live lease; ask for a new token", code="lease_not_found")
+        return self._settings.lease_seconds, lease.stage_arn
+
+    async def release_viewer(self, room: str, user_id: str) -> bool:
+        check_room_id(room)
+        check_user_id(user_id)
+        return await self._store.release(room, user_id)
+
+    async def issue_publisher_tokens(
+        self, room: str, user_id: str, min_revision: int, stage_arns: list[str]
+    ) -> list[tuple[IssuedToken, str]]:
+        """A publish token for each named (or every existing) Stage of the room, with its state."""
+        check_room_id(room)
+        check_user_id(user_id)
+        for arn in stage_arns:
+            check_stage_arn(arn)
+        if not await self._inventory.wait_for_revision(min_revision, self._settings.revision_wait_seconds):
+            raise Unavailable("the stage inventory is behind the stage manager", retry_after=1)
+        self._require_room(room)
+        stages = [stage for stage in self._inventory.stages(room) if stage.state in KEEPS_VIEWERS]
+        if stage_arns:
+            wanted = set(stage_arns)
+            stages = [stage for stage in stages if stage.arn in wanted]
+            if len(stages) != len(wanted):
+                raise NotFound("a named Stage is not an existing Stage of this room", code="stage_not_found")
+        issued = []
+        for stage in stages:
+            token = await self._minter.mint(
+                _endpoints(stage),
+                user_id,
+                publish=True,
+                subscribe=False,
+                attributes={"room": room, "role": "publisher"},
+                ttl_seconds=self._settings.publisher_token_seconds,
+            )
+            issued.append((token, stage.state))
+        return issued
+
+    async def occupancy(self, room: str) -> list[StageOccupancy]:
+        if room:
+            check_room_id(room)
+        now = self._clock()
+        rooms = [room] if room else self._inventory.rooms()
+        counts = {room: await self._store.counts(room, now)} if room else await self._store.rooms_counts(now)
+        result = []
+        for room_id in rooms:
+            room_counts = counts.get(room_id, {})
+            for stage in self._inventory.stages(room_id):
+                leased = room_counts.get(stage.arn, 0)
+                result.append(
+                    StageOccupancy(room_id, stage.arn, leased, 0, leased, self._settings.soft_capacity)
+                )
+        return result
+
+    async def reap_expired(self) -> int:
+        expired = await self._store.reap(self._clock())
+        if expired:
+            self._metrics.reaped.inc(len(expired))
+            log.info("reaped %d expired viewer lease(s)", len(expired))
+        return len(expired)
+
+    async def forget_stages(self, stages: list[StageView]) -> None:
+        """Leases on a deleted Stage end with it."""
+        for stage in stages:
+            await self._store.drop_stage(stage.room, stage.arn)

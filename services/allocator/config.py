@@ -1,0 +1,71 @@
+"""Allocator settings from FANOUT_* environment variables, validated at start."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.allocator.allocation import PlacementSettings
+from services.common.env import ConfigError, Env
+from services.common.ivs_settings import IvsSettings, read_ivs_settings
+
+TWO_WEEKS = 20160 * 60
+
+
+@dataclass(frozen=True)
+class AllocatorSettings:
+    listen: str
+    metrics_port: int
+    stagemanager_addr: str
+    ivs: IvsSettings
+    placement: PlacementSettings
+    # ES384 tokens signed with our key (no IVS call per token); else CreateParticipantToken.
+    self_signed: bool
+    signing_key_file: Path | None
+    store: str
+    log_json: bool
+    shutdown_grace_seconds: float
+
+
+def read_settings(environ: Mapping[str, str]) -> AllocatorSettings:
+    env = Env(environ)
+    ivs = read_ivs_settings(environ)
+    state_dir = Path(env.str("FANOUT_STATE_DIR", ".fanout"))
+    capacity = env.int("FANOUT_STAGE_CAPACITY", 50, minimum=1, maximum=10_000)
+    hard_limit = env.int("FANOUT_STAGE_HARD_LIMIT", 10_000, minimum=1, maximum=100_000)
+    if hard_limit < capacity:
+        raise ConfigError(f"FANOUT_STAGE_HARD_LIMIT={hard_limit} is below FANOUT_STAGE_CAPACITY={capacity}")
+    key_file_value = env.raw("FANOUT_SIGNING_KEY_FILE")
+    if ivs.mode == "local":
+        key_file: Path | None = Path(key_file_value) if key_file_value else state_dir / "signing-key.pem"
+    else:
+        key_file = Path(key_file_value) if key_file_value else None
+    self_signed = (
+        env.choice("FANOUT_TOKEN_MODE", "self-signed" if key_file else "api", ("self-signed", "api"))
+        == "self-signed"
+    )
+    if self_signed and key_file is None:
+        raise ConfigError("FANOUT_TOKEN_MODE=self-signed needs FANOUT_SIGNING_KEY_FILE in AWS mode")
+    return AllocatorSettings(
+        listen=env.str("FANOUT_ALLOCATOR_LISTEN", "127.0.0.1:50062", pattern=r"[^\s]+:\d{1,5}"),
+        metrics_port=env.int("FANOUT_ALLOCATOR_METRICS_PORT", 9462, minimum=0, maximum=65535),
+        stagemanager_addr=env.str("FANOUT_STAGEMANAGER_ADDR", "127.0.0.1:50061", pattern=r"[^\s]+:\d{1,5}"),
+        ivs=ivs,
+        placement=PlacementSettings(
+            soft_capacity=capacity,
+            hard_limit=hard_limit,
+            lease_seconds=env.int("FANOUT_VIEWER_LEASE_SECONDS", 60, minimum=5, maximum=3600),
+            viewer_token_seconds=env.int(
+                "FANOUT_VIEWER_TOKEN_SECONDS", 12 * 3600, minimum=60, maximum=TWO_WEEKS
+            ),
+            publisher_token_seconds=env.int(
+                "FANOUT_PUBLISHER_TOKEN_SECONDS", 12 * 3600, minimum=60, maximum=TWO_WEEKS
+            ),
+        ),
+        self_signed=self_signed,
+        signing_key_file=key_file if self_signed else None,
+        store=env.choice("FANOUT_STORE", "memory", ("memory",)),
+        log_json=env.bool("FANOUT_LOG_JSON", ivs.mode == "aws"),
+        shutdown_grace_seconds=env.float("FANOUT_SHUTDOWN_GRACE_SECONDS", 5.0, minimum=0, maximum=60),
+    )

@@ -1,0 +1,98 @@
+"""The allocator's copy of the stage inventory, kept current by the stage manager's WatchRoom stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageView:
+    arn: str
+    room: str
+    index: int
+    state: str  # PROVISIONING, STANDBY, LIVE, DRAINING, DELETING, FAILED
+    events_url: str
+    whip_url: str
+
+
+# A Stage in these states exists in IVS and may keep the viewers it has.
+KEEPS_VIEWERS = frozenset({"STANDBY", "LIVE", "DRAINING"})
+
+
+class StageInventory:
+    """Rooms and Stages by ARN, plus the stage manager revision they reflect."""
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, dict[str, StageView]] = {}
+        self._revision = 0
+        # Replaced on every change: waiters hold the old one, which is set (a broadcast with no task).
+        self._changed = asyncio.Event()
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    def has_room(self, room: str) -> bool:
+        return room in self._rooms
+
+    def stages(self, room: str) -> list[StageView]:
+        return sorted(self._rooms.get(room, {}).values(), key=lambda stage: stage.index)
+
+    def rooms(self) -> list[str]:
+        return list(self._rooms)
+
+    def eligible(self, room: str) -> list[StageView]:
+        """Where new viewers go: LIVE Stages while the room has any, otherwise STANDBY ones."""
+        stages = self.stages(room)
+        live = [stage for stage in stages if stage.state == "LIVE"]
+        return live or [stage for stage in stages if stage.state == "STANDBY"]
+
+    def replace_all(
+        self, rooms: Iterable[str], stages: Iterable[StageView], revision: int
+    ) -> list[StageView]:
+        """Applies a snapshot; returns the Stages that disappeared with it."""
+        before = {stage.arn: stage for room in self._rooms.values() for stage in room.values()}
+        self._rooms = {room: {} for room in rooms}
+        for stage in stages:
+            if stage.arn:
+                self._rooms.setdefault(stage.room, {})[stage.arn] = stage
+        after = {arn for room in self._rooms.values() for arn in room}
+        self._set_revision(revision)
+        return [stage for arn, stage in before.items() if arn not in after]
+
+    def put_room(self, room: str, revision: int) -> None:
+        self._rooms.setdefault(room, {})
+        self._set_revision(revision)
+
+    def put_stage(self, stage: StageView, revision: int) -> None:
+        # A Stage has no ARN until IVS created it; until then there is nothing to place or sign for.
+        if stage.arn:
+            self._rooms.setdefault(stage.room, {})[stage.arn] = stage
+        self._set_revision(revision)
+
+    def remove_stage(self, room: str, arn: str, revision: int) -> StageView | None:
+        removed = self._rooms.get(room, {}).pop(arn, None)
+        self._set_revision(revision)
+        return removed
+
+    def remove_room(self, room: str, revision: int) -> list[StageView]:
+        removed = list(self._rooms.pop(room, {}).values())
+        self._set_revision(revision)
+        return removed
+
+    def _set_revision(self, revision: int) -> None:
+        self._revision = max(self._revision, revision)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_for_revision(self, revision: int, within: float) -> bool:
+        """True once the inventory reflects `revision` (or later); False after `within` seconds."""
+        try:
+            async with asyncio.timeout(within):
+                while self._revision < revision:
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True

@@ -1,0 +1,107 @@
+"""Assembles the allocator: token minter, lease store, inventory watcher, reaper and gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from protos.fanout.v1 import allocator_pb2, allocator_pb2_grpc, stagemanager_pb2_grpc
+from services.allocator.allocation import Allocator, AllocatorMetrics
+from services.allocator.config import AllocatorSettings
+from services.allocator.inventory import StageInventory
+from services.allocator.ivs import IvsTokenApi
+from services.allocator.servicer import AllocatorServicer
+from services.allocator.signing_key import load_or_create_private_key, load_private_key
+from services.allocator.store import LeaseStore, MemoryLeaseStore
+from services.allocator.tokens import ApiMinter, SelfSignedMinter, TokenMinter
+from services.allocator.watcher import InventoryWatcher
+from services.common.grpc_server import GrpcServer, GrpcServerMetrics, start_grpc_server
+from services.common.ivs_calls import CallBudget, IvsCaller, IvsMetrics
+from services.common.jwt_es384 import public_key_pem
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = allocator_pb2.DESCRIPTOR.services_by_name["Allocator"].full_name
+REAP_INTERVAL_SECONDS = 1.0
+
+
+@dataclass
+class AllocatorService:
+    grpc: GrpcServer
+    allocator: Allocator
+    store: LeaseStore
+    caller: IvsCaller
+    tasks: list[asyncio.Task[None]]
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    async def stop(self, grace: float) -> None:
+        await self.grpc.stop(grace)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.store.close()
+        self.caller.close()
+
+
+async def build_minter(settings: AllocatorSettings, token_api: IvsTokenApi) -> TokenMinter:
+    if not settings.self_signed or settings.signing_key_file is None:
+        log.info("minting tokens with CreateParticipantToken (no signing key configured)")
+        return ApiMinter(token_api.create_participant_token)
+    if settings.ivs.mode == "local":
+        key = load_or_create_private_key(settings.signing_key_file)
+    else:
+        key = load_private_key(settings.signing_key_file)
+    kid = await token_api.ensure_public_key(public_key_pem(key), name="fanout-token-signing")
+    log.info("minting self-signed ES384 tokens (kid %s)", kid)
+    return SelfSignedMinter(key, kid)
+
+
+async def start_allocator(
+    settings: AllocatorSettings,
+    ivs_client: Any,
+    stagemanager_channel: grpc.aio.Channel,
+    registry: CollectorRegistry,
+) -> AllocatorService:
+    """Serves at once (NOT_SERVING) and becomes SERVING with the first inventory snapshot."""
+    caller = IvsCaller(ivs_client, CallBudget(), IvsMetrics(registry))
+    minter = await build_minter(settings, IvsTokenApi(caller))
+    inventory = StageInventory()
+    store = MemoryLeaseStore()
+    allocator = Allocator(inventory, store, minter, settings.placement, AllocatorMetrics(registry))
+    watcher = InventoryWatcher(
+        stagemanager_pb2_grpc.StageManagerStub(stagemanager_channel), inventory, allocator.forget_stages
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        allocator_pb2_grpc.add_AllocatorServicer_to_server(AllocatorServicer(allocator), server)
+
+    server = await start_grpc_server(
+        settings.listen, register, [SERVICE_NAME], GrpcServerMetrics(registry), serving=False
+    )
+    tasks = [
+        asyncio.create_task(watcher.run()),
+        asyncio.create_task(_serve_when_ready(watcher, server)),
+        asyncio.create_task(_reap_forever(allocator)),
+    ]
+    return AllocatorService(server, allocator, store, caller, tasks)
+
+
+async def _serve_when_ready(watcher: InventoryWatcher, server: GrpcServer) -> None:
+    await watcher.ready.wait()
+    await server.set_serving(True)
+
+
+async def _reap_forever(allocator: Allocator) -> None:
+    while True:
+        await asyncio.sleep(REAP_INTERVAL_SECONDS)
+        with contextlib.suppress(Exception):
+            await allocator.reap_expired()

@@ -1,0 +1,84 @@
+"""The Allocator gRPC API: decode, call the allocator core, encode."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from protos.fanout.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2
+from services.allocator.allocation import Allocator
+from services.allocator.tokens import IssuedToken
+
+
+def token_to_proto(token: IssuedToken) -> common_pb2.ParticipantToken:
+    expiration = Timestamp()
+    expiration.FromDatetime(token.expires_at)
+    return common_pb2.ParticipantToken(
+        stage_arn=token.stage_arn,
+        token=token.token,
+        participant_id=token.participant_id,
+        expiration_time=expiration,
+    )
+
+
+class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
+    def __init__(self, allocator: Allocator) -> None:
+        self._allocator = allocator
+
+    async def AssignViewer(
+        self, request: allocator_pb2.AssignViewerRequest, context: grpc.aio.ServicerContext
+    ) -> allocator_pb2.AssignViewerResponse:
+        placement = await self._allocator.assign_viewer(request.room, request.user_id)
+        return allocator_pb2.AssignViewerResponse(
+            room=placement.room,
+            user_id=placement.user_id,
+            token=token_to_proto(placement.token),
+            lease_seconds=placement.lease_seconds,
+            sticky=placement.sticky,
+        )
+
+    async def RenewViewer(
+        self, request: allocator_pb2.RenewViewerRequest, context: grpc.aio.ServicerContext
+    ) -> allocator_pb2.RenewViewerResponse:
+        lease_seconds, stage_arn = await self._allocator.renew_viewer(request.room, request.user_id)
+        return allocator_pb2.RenewViewerResponse(lease_seconds=lease_seconds, stage_arn=stage_arn)
+
+    async def ReleaseViewer(
+        self, request: allocator_pb2.ReleaseViewerRequest, context: grpc.aio.ServicerContext
+    ) -> allocator_pb2.ReleaseViewerResponse:
+        released = await self._allocator.release_viewer(request.room, request.user_id)
+        return allocator_pb2.ReleaseViewerResponse(released=released)
+
+    async def IssuePublisherTokens(
+        self, request: allocator_pb2.IssuePublisherTokensRequest, context: grpc.aio.ServicerContext
+    ) -> allocator_pb2.IssuePublisherTokensResponse:
+        issued = await self._allocator.issue_publisher_tokens(
+            request.room, request.user_id, request.min_revision, list(request.stage_arns)
+        )
+        return allocator_pb2.IssuePublisherTokensResponse(
+            room=request.room,
+            tokens=[
+                allocator_pb2.PublisherToken(
+                    token=token_to_proto(token), state=common_pb2.StageState.Value(f"STAGE_STATE_{state}")
+                )
+                for token, state in issued
+            ],
+        )
+
+    async def GetOccupancy(
+        self, request: allocator_pb2.GetOccupancyRequest, context: grpc.aio.ServicerContext
+    ) -> allocator_pb2.GetOccupancyResponse:
+        stages = await self._allocator.occupancy(request.room)
+        return allocator_pb2.GetOccupancyResponse(
+            stages=[
+                allocator_pb2.StageOccupancy(
+                    room=s.room,
+                    stage_arn=s.stage_arn,
+                    leased=s.leased,
+                    observed=s.observed,
+                    viewers=s.viewers,
+                    capacity=s.capacity,
+                )
+                for s in stages
+            ]
+        )

@@ -1,0 +1,183 @@
+"""Builds grpc.aio servers: one interceptor maps domain errors to status codes and counts every call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from services.common.errors import ErrorKind, FanoutError
+
+log = logging.getLogger(__name__)
+
+ERROR_CODE_KEY = "fanout-error-code"
+RETRY_AFTER_KEY = "retry-after"
+
+_STATUS_BY_KIND = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.NO_CAPACITY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class GrpcServerMetrics:
+    """gRPC server calls, codes and latency, the same for every service."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.handled = Counter(
+            "fanout_grpc_server_handled",
+            "gRPC calls completed by the server, by method and status code.",
+            ["grpc_service", "grpc_method", "grpc_code"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "fanout_grpc_server_handling_seconds",
+            "Time to complete a unary gRPC call (streams: time to the first message).",
+            ["grpc_service", "grpc_method"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+
+
+def _split_method(full_method: str) -> tuple[str, str]:
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return service, method
+
+
+async def _abort_for(context: grpc.aio.ServicerContext, error: FanoutError) -> None:
+    metadata: list[tuple[str, str]] = [(ERROR_CODE_KEY, error.code)]
+    if error.retry_after is not None:
+        metadata.append((RETRY_AFTER_KEY, str(error.retry_after)))
+    await context.abort(_STATUS_BY_KIND[error.kind], error.message, trailing_metadata=tuple(metadata))
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """The one place a service's domain errors become gRPC statuses; unexpected errors become INTERNAL."""
+
+    def __init__(self, metrics: GrpcServerMetrics | None = None) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        service, method = _split_method(handler_call_details.method)
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, service, method))
+        return handler
+
+    def _record(self, service: str, method: str, code: grpc.StatusCode, started: float | None) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.handled.labels(service, method, code.name).inc()
+        if started is not None:
+            self._metrics.latency.labels(service, method).observe(time.perf_counter() - started)
+
+    def _wrap_unary(self, behaviour: Any, service: str, method: str) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            try:
+                response = await behaviour(request, context)
+            except FanoutError as error:
+                self._record(service, method, _STATUS_BY_KIND[error.kind], started)
+                await _abort_for(context, error)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                self._record(service, method, context.code() or grpc.StatusCode.CANCELLED, started)
+                raise
+            except Exception:
+                log.exception("unexpected error in %s/%s", service, method)
+                self._record(service, method, grpc.StatusCode.INTERNAL, started)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            self._record(service, method, grpc.StatusCode.OK, started)
+            return response
+
+        return wrapped
+
+    def _wrap_stream(self, behaviour: Any, service: str, method: str) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started: float | None = time.perf_counter()
+            try:
+                async for message in behaviour(request, context):
+                    if started is not None:
+                        self._record_first(service, method, started)
+                        started = None
+                    yield message
+            except FanoutError as error:
+                self._record(service, method, _STATUS_BY_KIND[error.kind], None)
+                await _abort_for(context, error)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                self._record(service, method, context.code() or grpc.StatusCode.CANCELLED, None)
+                raise
+            except Exception:
+                log.exception("unexpected error in %s/%s", service, method)
+                self._record(service, method, grpc.StatusCode.INTERNAL, None)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            else:
+                self._record(service, method, grpc.StatusCode.OK, None)
+
+        return wrapped
+
+    def _record_first(self, service: str, method: str, started: float) -> None:
+        if self._metrics is not None:
+            self._metrics.latency.labels(service, method).observe(time.perf_counter() - started)
+
+
+@dataclass
+class GrpcServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", status)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_grpc_server(
+    address: str,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+    metrics: GrpcServerMetrics | None,
+    serving: bool = True,
+) -> GrpcServer:
+    """Starts a server with health and reflection; returns the bound port so tests can pass port 0."""
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor(metrics)],
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 * 1024 * 1024)],
+    )
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC server to {address}")
+    await server.start()
+    grpc_server = GrpcServer(server=server, port=port, health=health_servicer)
+    await grpc_server.set_serving(serving)
+    return grpc_server

@@ -1,0 +1,47 @@
+"""Composition root of the stage manager process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from services.common.env import ConfigError
+from services.common.ivs_calls import make_ivs_client
+from services.common.lifecycle import run_service, wait_for_stop_signal
+from services.common.logs import configure_logging
+from services.stagemanager.config import read_settings
+from services.stagemanager.server import start_stage_manager
+
+log = logging.getLogger("services.stagemanager")
+
+
+async def main() -> None:
+    try:
+        settings = read_settings(os.environ)
+    except ConfigError as error:
+        sys.stderr.write(f"stagemanager: configuration error: {error}\n")
+        raise SystemExit(2) from None
+    configure_logging("stagemanager", settings.log_json)
+    registry = CollectorRegistry()
+    ivs_client = make_ivs_client(
+        settings.ivs.region, settings.ivs.endpoint_url, settings.ivs.local_credentials
+    )
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="0.0.0.0", registry=registry)
+    service = await start_stage_manager(settings, ivs_client, registry)
+    log.info(
+        "stage manager serving on port %d (cluster %s, %s mode)",
+        service.port,
+        settings.rooms.cluster_id,
+        settings.ivs.mode,
+    )
+    await wait_for_stop_signal()
+    log.info("stopping")
+    await service.stop(settings.shutdown_grace_seconds)
+
+
+if __name__ == "__main__":
+    run_service(main)

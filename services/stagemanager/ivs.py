@@ -1,0 +1,106 @@
+"""The stage manager's view of IVS: create, find, describe and delete the cluster's Stages."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from services.common.errors import NoCapacity, NotFound, Unavailable
+from services.common.ivs_calls import IvsCaller, error_code
+
+log = logging.getLogger(__name__)
+
+TAG_CLUSTER = "fanout:cluster"
+TAG_ROOM = "fanout:room"
+TAG_INDEX = "fanout:index"
+TAG_ROLE = "fanout:role"
+
+
+class StageQuotaExceeded(NoCapacity):
+    default_code = "stage_quota_exceeded"
+
+
+@dataclass(frozen=True)
+class IvsStage:
+    arn: str
+    tags: Mapping[str, str]
+    events_url: str = ""
+    whip_url: str = ""
+
+
+def _translate(operation: str, error: Exception) -> Exception:
+    if isinstance(error, ClientError):
+        code = error_code(error)
+        if code == "ServiceQuotaExceededException":
+            return StageQuotaExceeded("the account's IVS Stage quota is reached", retry_after=30)
+        if code == "ResourceNotFoundException":
+            return NotFound(f"{operation}: the Stage does not exist", code="stage_not_found")
+        return Unavailable(f"IVS {operation} failed: {code or 'error'}", code="ivs_error", retry_after=5)
+    return Unavailable(f"IVS {operation} failed: cannot reach IVS", code="ivs_unreachable", retry_after=5)
+
+
+class StageApi:
+    """Small adapter over the boto3 client; errors come out as domain errors."""
+
+    def __init__(self, caller: IvsCaller) -> None:
+        self._caller = caller
+
+    async def create_stage(self, name: str, tags: Mapping[str, str]) -> IvsStage:
+        try:
+            response = await self._caller.call("CreateStage", name=name, tags=dict(tags))
+        except (ClientError, BotoCoreError) as error:
+            raise _translate("CreateStage", error) from error
+        return _stage(response["stage"])
+
+    async def get_stage(self, arn: str) -> IvsStage:
+        try:
+            response = await self._caller.call("GetStage", arn=arn)
+        except (ClientError, BotoCoreError) as error:
+            raise _translate("GetStage", error) from error
+        return _stage(response["stage"])
+
+    async def delete_stage(self, arn: str) -> None:
+        """Deletes the Stage; one that is already gone counts as deleted."""
+        try:
+            await self._caller.call("DeleteStage", arn=arn)
+        except ClientError as error:
+            if error_code(error) != "ResourceNotFoundException":
+                raise _translate("DeleteStage", error) from error
+        except BotoCoreError as error:
+            raise _translate("DeleteStage", error) from error
+
+    async def list_cluster_stages(self, cluster_id: str) -> list[IvsStage]:
+        """Every Stage tagged with this cluster id (ListStages summaries carry tags)."""
+        stages: list[IvsStage] = []
+        token: str | None = None
+        while True:
+            params: dict[str, object] = {"maxResults": 100}
+            if token:
+                params["nextToken"] = token
+            try:
+                response = await self._caller.call("ListStages", **params)
+            except (ClientError, BotoCoreError) as error:
+                raise _translate("ListStages", error) from error
+            for summary in response.get("stages", []):
+                tags = summary.get("tags") or {}
+                if tags.get(TAG_CLUSTER) == cluster_id:
+                    stages.append(IvsStage(arn=summary["arn"], tags=tags))
+            token = response.get("nextToken")
+            if not token:
+                return stages
+
+
+def _stage(stage: Mapping[str, object]) -> IvsStage:
+    endpoints = stage.get("endpoints") or {}
+    assert isinstance(endpoints, Mapping)
+    tags = stage.get("tags") or {}
+    assert isinstance(tags, Mapping)
+    return IvsStage(
+        arn=str(stage["arn"]),
+        tags={str(k): str(v) for k, v in tags.items()},
+        events_url=str(endpoints.get("events", "")),
+        whip_url=str(endpoints.get("whip", "")),
+    )

@@ -1,0 +1,58 @@
+"""Rooms and their Stages as the stage manager knows them (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class StageState(Enum):
+    PROVISIONING = "PROVISIONING"
+    STANDBY = "STANDBY"
+    LIVE = "LIVE"
+    DRAINING = "DRAINING"
+    DELETING = "DELETING"
+    FAILED = "FAILED"
+
+
+# States in which the Stage exists in IVS and may hold viewers.
+EXISTING_STATES = frozenset({StageState.STANDBY, StageState.LIVE, StageState.DRAINING})
+
+
+@dataclass
+class StageRecord:
+    room: str
+    index: int
+    state: StageState
+    created_at: float
+    role: str = "origin"
+    arn: str = ""
+    events_url: str = ""
+    whip_url: str = ""
+    publishing: bool = False
+
+    def copy(self) -> StageRecord:
+        return dataclasses.replace(self)
+
+
+@dataclass
+class RoomRecord:
+    room: str
+    created_at: float
+    stages: dict[int, StageRecord] = field(default_factory=dict)
+    last_error: str = ""
+
+    @property
+    def publishing(self) -> bool:
+        return any(stage.publishing for stage in self.stages.values())
+
+    def stage_by_arn(self, arn: str) -> StageRecord | None:
+        return next((stage for stage in self.stages.values() if stage.arn == arn), None)
+
+    def next_index(self) -> int:
+        return max(self.stages, default=-1) + 1
+
+    def copy(self, with_stages: bool = True) -> RoomRecord:
+        stages = {index: stage.copy() for index, stage in self.stages.items()} if with_stages else {}
+        return RoomRecord(self.room, self.created_at, stages, self.last_error)

@@ -1,0 +1,270 @@
+"""Rooms and the lifecycle of their Stages: create, go live, end, and recover after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.common.errors import FanoutError, NoCapacity, NotFound, Unavailable
+from services.common.ids import check_room_id, check_stage_arn
+from services.stagemanager.inventory import Inventory
+from services.stagemanager.ivs import (
+    TAG_CLUSTER,
+    TAG_INDEX,
+    TAG_ROLE,
+    TAG_ROOM,
+    StageApi,
+    StageQuotaExceeded,
+)
+from services.stagemanager.model import EXISTING_STATES, RoomRecord, StageRecord, StageState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoomSettings:
+    cluster_id: str
+    min_stages: int = 1
+    max_stages_per_room: int = 200
+    create_attempts: int = 3
+
+
+class RoomManager:
+    """Owns every room of this cluster and keeps IVS and the inventory in step."""
+
+    def __init__(
+        self,
+        inventory: Inventory,
+        stages: StageApi,
+        settings: RoomSettings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._inventory = inventory
+        self._stages = stages
+        self._settings = settings
+        self._clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._recovered = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def recovered(self) -> bool:
+        return self._recovered.is_set()
+
+    def _lock(self, room: str) -> asyncio.Lock:
+        return self._locks.setdefault(room, asyncio.Lock())
+
+    def _require_recovered(self) -> None:
+        # Creating Stages before the inventory is rebuilt could duplicate the ones IVS already has.
+        if not self._recovered.is_set():
+            raise Unavailable("the stage manager is still recovering its inventory", retry_after=2)
+
+    async def recover(self) -> int:
+        """Adopts this cluster's Stages from IVS (tags), ignoring every other Stage. Returns the count."""
+        found = await self._stages.list_cluster_stages(self._settings.cluster_id)
+        now = self._clock()
+        adopted = 0
+        for summary in sorted(found, key=lambda s: (s.tags.get(TAG_ROOM, ""), _index_tag(s.tags))):
+            room_id = summary.tags.get(TAG_ROOM, "")
+            try:
+                check_room_id(room_id)
+            except FanoutError:
+                log.warning("ignoring Stage %s: its %s tag is not a room id", summary.arn, TAG_ROOM)
+                continue
+            try:
+                described = await self._stages.get_stage(summary.arn)
+            except NotFound:
+                continue
+            room = self._inventory.room(room_id)
+            if room is None:
+                room = RoomRecord(room=room_id, created_at=now)
+                self._inventory.add_room(room)
+            index = _index_tag(summary.tags)
+            if index < 0 or index in room.stages:
+                index = room.next_index()
+            self._inventory.add_stage(
+                StageRecord(
+                    room=room_id,
+                    index=index,
+                    # Publishing is not known until the page or the monitor says so.
+                    state=StageState.STANDBY,
+                    created_at=now,
+                    role=summary.tags.get(TAG_ROLE, "origin"),
+                    arn=described.arn,
+                    events_url=described.events_url,
+                    whip_url=described.whip_url,
+                )
+            )
+            adopted += 1
+        self._recovered.set()
+        log.info("recovered %d Stage(s) in %d room(s)", adopted, len(self._inventory.rooms()))
+        return adopted
+
+    async def ensure_room(self, room_id: str) -> tuple[RoomRecord, bool, int]:
+        """Creates the room (or tops it up) to the minimum pool; returns (room, created, revision)."""
+        check_room_id(room_id)
+        self._require_recovered()
+        async with self._lock(room_id):
+            room = self._inventory.room(room_id)
+            created = room is None
+            if room is None:
+                room = RoomRecord(room=room_id, created_at=self._clock())
+                self._inventory.add_room(room)
+                log.info("room %s created", room_id)
+            for stage in [s for s in room.stages.values() if s.state is StageState.FAILED]:
+                self._inventory.remove_stage(stage)
+            usable = [s for s in room.stages.values() if s.state in EXISTING_STATES]
+            missing = min(
+                self._settings.min_stages - len(usable),
+                self._settings.max_stages_per_room - len(room.stages),
+            )
+            if missing > 0:
+                await self._create_stages(room, missing)
+            if not any(s.state in EXISTING_STATES for s in room.stages.values()):
+                error = room.last_error or "no Stage could be created"
+                raise NoCapacity(f"room {room_id} has no Stage: {error}", code="no_stage", retry_after=30)
+            return room.copy(), created, self._inventory.revision
+
+    async def _create_stages(self, room: RoomRecord, count: int) -> None:
+        records = []
+        for _ in range(count):
+            record = StageRecord(
+                room=room.room,
+                index=room.next_index(),
+                state=StageState.PROVISIONING,
+                created_at=self._clock(),
+            )
+            self._inventory.add_stage(record)
+            records.append(record)
+        await asyncio.gather(*(self._provision(room, record) for record in records))
+
+    async def _provision(self, room: RoomRecord, record: StageRecord) -> None:
+        tags = {
+            TAG_CLUSTER: self._settings.cluster_id,
+            TAG_ROOM: room.room,
+            TAG_INDEX: str(record.index),
+            TAG_ROLE: record.role,
+        }
+        name = f"fanout-{self._settings.cluster_id}-{room.room}-{record.index}"[:128]
+        for attempt in range(1, self._settings.create_attempts + 1):
+            started = time.monotonic()
+            try:
+                created = await self._stages.create_stage(name, tags)
+            except StageQuotaExceeded as error:
+                # Retrying a quota error in a loop only burns the call budget: report it once.
+                log.error("room %s: CreateStage refused: %s", room.room, error.message)
+                self._fail(room, record, error.message)
+                return
+            except Unavailable as error:
+                if attempt == self._settings.create_attempts:
+                    log.error("room %s: CreateStage failed %d times: %s", room.room, attempt, error.message)
+                    self._fail(room, record, error.message)
+                    return
+                await asyncio.sleep(0.5 * 2**attempt)
+                continue
+            self._inventory.update_stage(
+                record,
+                arn=created.arn,
+                events_url=created.events_url,
+                whip_url=created.whip_url,
+                state=StageState.STANDBY,
+            )
+            self._inventory.set_room_error(room.room, "")
+            log.info(
+                "room %s: Stage %d created (%s) in %.0f ms",
+                room.room,
+                record.index,
+                created.arn,
+                (time.monotonic() - started) * 1000,
+            )
+            return
+
+    def _fail(self, room: RoomRecord, record: StageRecord, message: str) -> None:
+        self._inventory.update_stage(record, state=StageState.FAILED)
+        self._inventory.set_room_error(room.room, message)
+
+    def get_room(self, room_id: str) -> tuple[RoomRecord, int]:
+        check_room_id(room_id)
+        room = self._inventory.room(room_id)
+        if room is None:
+            raise NotFound(f"room {room_id} does not exist", code="room_not_found")
+        return room.copy(), self._inventory.revision
+
+    def list_rooms(self) -> tuple[list[RoomRecord], int]:
+        return [room.copy() for room in self._inventory.rooms()], self._inventory.revision
+
+    async def report_publisher_status(self, room_id: str, arn: str, publishing: bool) -> StageRecord:
+        """The broadcaster's fast path: STANDBY becomes LIVE when it publishes, and back when it stops."""
+        check_room_id(room_id)
+        check_stage_arn(arn)
+        room = self._inventory.room(room_id)
+        if room is None:
+            raise NotFound(f"room {room_id} does not exist", code="room_not_found")
+        stage = room.stage_by_arn(arn)
+        if stage is None:
+            raise NotFound("the Stage is not part of this room", code="stage_not_found")
+        was_publishing = room.publishing
+        state = stage.state
+        if publishing and state is StageState.STANDBY:
+            state = StageState.LIVE
+        elif not publishing and state is StageState.LIVE:
+            state = StageState.STANDBY
+        if state is not stage.state or publishing != stage.publishing:
+            self._inventory.update_stage(stage, state=state, publishing=publishing)
+            log.info("room %s: Stage %d %s (publishing=%s)", room_id, stage.index, state.value, publishing)
+        if room.publishing != was_publishing:
+            self._inventory.room_publishing_changed(room_id)
+        return stage.copy()
+
+    async def end_room(self, room_id: str) -> None:
+        """Marks every Stage DELETING at once, then deletes them within the call budget."""
+        check_room_id(room_id)
+        self._require_recovered()
+        room = self._inventory.room(room_id)
+        if room is None:
+            raise NotFound(f"room {room_id} does not exist", code="room_not_found")
+        if all(stage.state is StageState.DELETING for stage in room.stages.values()) and room.stages:
+            return
+        for stage in room.stages.values():
+            if stage.state is not StageState.DELETING:
+                self._inventory.update_stage(stage, state=StageState.DELETING, publishing=False)
+        log.info("room %s ending: deleting %d Stage(s)", room_id, len(room.stages))
+        task = asyncio.create_task(self._delete_room(room_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _delete_room(self, room_id: str) -> None:
+        async with self._lock(room_id):
+            room = self._inventory.room(room_id)
+            if room is None:
+                return
+            await asyncio.gather(*(self._delete_stage(stage) for stage in list(room.stages.values())))
+            if not room.stages:
+                self._inventory.end_room(room_id)
+                log.info("room %s ended", room_id)
+
+    async def _delete_stage(self, stage: StageRecord) -> None:
+        if stage.arn:
+            for attempt in range(1, 6):
+                try:
+                    await self._stages.delete_stage(stage.arn)
+                    break
+                except Unavailable as error:
+                    log.warning("DeleteStage %s failed (attempt %d): %s", stage.arn, attempt, error.message)
+                    await asyncio.sleep(0.5 * 2**attempt)
+            else:
+                return
+        self._inventory.remove_stage(stage)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _index_tag(tags: dict[str, str] | object) -> int:
+    value = tags.get(TAG_INDEX, "") if isinstance(tags, dict) else ""
+    return int(value) if isinstance(value, str) and value.isdigit() else -1

@@ -1,0 +1,153 @@
+"""The whole control plane in-process on loopback ports, built the way each __main__ builds it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from gateway.app import create_app
+from gateway.clients import GatewayClients
+from gateway.config import GatewaySettings
+from protos.fanout.v1 import allocator_pb2_grpc, stagemanager_pb2_grpc
+from services.allocator.config import read_settings as read_allocator_settings
+from services.allocator.server import AllocatorService, start_allocator
+from services.common.ivs_calls import make_ivs_client
+from services.stagemanager.config import read_settings as read_stagemanager_settings
+from services.stagemanager.server import StageManagerService, start_stage_manager
+from tests.integration.ivslocal_fixtures import IvsLocalServer, running_ivslocal
+from tests.integration.waiting import eventually
+
+PUBLISHER_KEY = "test-publisher-key-0123456789"
+
+
+@dataclass
+class System:
+    ivs: IvsLocalServer
+    env: dict[str, str]
+    stagemanager_service: StageManagerService
+    allocator_service: AllocatorService
+    gateway_url: str
+    publisher_key: str
+    registries: dict[str, CollectorRegistry] = field(default_factory=dict)
+    _channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    @property
+    def stagemanager_addr(self) -> str:
+        return f"127.0.0.1:{self.stagemanager_service.port}"
+
+    @property
+    def allocator_addr(self) -> str:
+        return f"127.0.0.1:{self.allocator_service.port}"
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(address)
+        self._channels.append(channel)
+        return channel
+
+    @property
+    def stagemanager(self) -> stagemanager_pb2_grpc.StageManagerStub:
+        return stagemanager_pb2_grpc.StageManagerStub(self.channel(self.stagemanager_addr))
+
+    @property
+    def allocator(self) -> allocator_pb2_grpc.AllocatorStub:
+        return allocator_pb2_grpc.AllocatorStub(self.channel(self.allocator_addr))
+
+    def publisher_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.publisher_key}"}
+
+
+def service_env(ivs_url: str, state_dir: Path, overrides: Mapping[str, str]) -> dict[str, str]:
+    env = {
+        "FANOUT_MODE": "local",
+        "FANOUT_IVS_ENDPOINT": ivs_url,
+        "FANOUT_STATE_DIR": str(state_dir),
+        "FANOUT_STAGEMANAGER_LISTEN": "127.0.0.1:0",
+        "FANOUT_ALLOCATOR_LISTEN": "127.0.0.1:0",
+        "FANOUT_STAGEMANAGER_METRICS_PORT": "0",
+        "FANOUT_ALLOCATOR_METRICS_PORT": "0",
+        "FANOUT_CLUSTER_ID": "test",
+        "FANOUT_RATE_LIMIT_PER_SECOND": "0",
+        "FANOUT_PUBLISHER_KEYS": PUBLISHER_KEY,
+        "FANOUT_SHUTDOWN_GRACE_SECONDS": "0.2",
+    }
+    env.update(overrides)
+    return env
+
+
+def ivs_client(ivs_url: str) -> Any:
+    return make_ivs_client("us-east-1", ivs_url, local_credentials=True)
+
+
+async def start_stagemanager(env: Mapping[str, str]) -> StageManagerService:
+    settings = read_stagemanager_settings(env)
+    service = await start_stage_manager(settings, ivs_client(env["FANOUT_IVS_ENDPOINT"]), CollectorRegistry())
+    await eventually(lambda: service.rooms.recovered, what="stage manager recovery")
+    return service
+
+
+async def start_allocator_for(env: Mapping[str, str], stagemanager_port: int) -> AllocatorService:
+    settings = read_allocator_settings({**env, "FANOUT_STAGEMANAGER_ADDR": f"127.0.0.1:{stagemanager_port}"})
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{stagemanager_port}")
+    service = await start_allocator(settings, ivs_client(env["FANOUT_IVS_ENDPOINT"]), channel, CollectorRegistry())
+    service.tasks.append(_close_on_cancel(channel))
+    return service
+
+
+def _close_on_cancel(channel: grpc.aio.Channel) -> Any:
+    import asyncio
+
+    async def wait_then_close() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await channel.close()
+
+    return asyncio.create_task(wait_then_close())
+
+
+@contextlib.asynccontextmanager
+async def running_system(state_dir: Path, **overrides: str) -> AsyncIterator[System]:
+    """Emulator, stage manager, allocator and gateway on free loopback ports; env overrides per test."""
+    async with running_ivslocal() as ivs:
+        env = service_env(ivs.url, state_dir, overrides)
+        stagemanager = await start_stagemanager(env)
+        allocator = await start_allocator_for(env, stagemanager.port)
+        gateway_settings = GatewaySettings.from_env(
+            {
+                **env,
+                "FANOUT_GATEWAY_PORT": "0",
+                "FANOUT_ALLOCATOR_ADDR": f"127.0.0.1:{allocator.port}",
+                "FANOUT_STAGEMANAGER_ADDR": f"127.0.0.1:{stagemanager.port}",
+            }
+        )
+        runner = web.AppRunner(create_app(gateway_settings, registry=CollectorRegistry()))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        system = System(
+            ivs=ivs,
+            env=env,
+            stagemanager_service=stagemanager,
+            allocator_service=allocator,
+            gateway_url=f"http://{host}:{port}",
+            publisher_key=PUBLISHER_KEY,
+        )
+        try:
+            yield system
+        finally:
+            await runner.cleanup()
+            for channel in system._channels:
+                await channel.close()
+            await system.allocator_service.stop(0.2)
+            await system.stagemanager_service.stop(0.2)
+
+
+__all__ = ["GatewayClients", "System", "running_system"]
