@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from services.allocator.server import AllocatorService, start_allocator
 from services.common.ivs_calls import make_ivs_client
 from services.stagemanager.config import read_settings as read_stagemanager_settings
 from services.stagemanager.server import StageManagerService, start_stage_manager
+from services.ivslocal.config import Settings as IvsSettings
 from tests.integration.ivslocal_fixtures import IvsLocalServer, running_ivslocal
 from tests.integration.waiting import eventually
 
@@ -101,8 +103,6 @@ async def start_allocator_for(env: Mapping[str, str], stagemanager_port: int) ->
 
 
 def _close_on_cancel(channel: grpc.aio.Channel) -> Any:
-    import asyncio
-
     async def wait_then_close() -> None:
         try:
             await asyncio.Event().wait()
@@ -113,9 +113,11 @@ def _close_on_cancel(channel: grpc.aio.Channel) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def running_system(state_dir: Path, **overrides: str) -> AsyncIterator[System]:
+async def running_system(
+    state_dir: Path, ivs_settings: IvsSettings | None = None, **overrides: str
+) -> AsyncIterator[System]:
     """Emulator, stage manager, allocator and gateway on free loopback ports; env overrides per test."""
-    async with running_ivslocal() as ivs:
+    async with running_ivslocal(ivs_settings) as ivs:
         env = service_env(ivs.url, state_dir, overrides)
         stagemanager = await start_stagemanager(env)
         allocator = await start_allocator_for(env, stagemanager.port)
