@@ -33,7 +33,7 @@ DEFAULT_TPS = 5.0
 
 def make_ivs_client(region: str, endpoint_url: str | None, local_credentials: bool) -> Any:
     """A boto3 ivs-realtime client. Retries are ours (IvsCaller), so botocore must not hide throttles."""
-    config = Config(retries={"max_attempts": 1, "mode": "standard"}, max_pool_connections=16)
+    config = Config(retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=16)
     kwargs: dict[str, Any] = {"region_name": region, "config": config}
     if endpoint_url:
         kwargs["endpoint_url"] = endpoint_url

@@ -1,0 +1,1 @@
+"""A local, wire-compatible stand-in for the AWS ivs-realtime (Stages) API."""

@@ -1,0 +1,272 @@
+"""The emulator's HTTP transport: ivs-realtime REST-JSON routes over the IvsState core."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from services.ivslocal import wire
+from services.ivslocal.config import Settings
+from services.ivslocal.errors import IvsApiError, ThrottlingError, UnknownOperationError, ValidationError
+from services.ivslocal.model import IvsState, stage_endpoints
+from services.ivslocal.ratelimit import CallStats, RateLimiter
+from services.ivslocal.wire import Body
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = web.AppKey("ivslocal_state", IvsState)
+STATS_KEY = web.AppKey("ivslocal_stats", CallStats)
+LIMITER_KEY = web.AppKey("ivslocal_limiter", RateLimiter)
+_OPERATION = web.RequestKey("ivslocal_operation", str)
+
+Operation = Callable[[IvsState, Body, str], dict[str, Any]]
+
+
+# --- operations: decode -> call the core -> encode --------------------------------------------------
+
+
+def _create_stage(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    stage, tokens = state.create_stage(
+        name=body.text("name"),
+        tags=body.text_map("tags"),
+        participant_token_configurations=body.token_requests("participantTokenConfigurations"),
+        recording_configuration=body.mapping("autoParticipantRecordingConfiguration"),
+        host=host,
+    )
+    return {
+        "stage": wire.stage_json(stage, stage_endpoints(host)),
+        "participantTokens": [wire.participant_token_json(t) for t in tokens],
+    }
+
+
+def _get_stage(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    stage = state.get_stage(body.required_text("arn"))
+    return {"stage": wire.stage_json(stage, stage_endpoints(host))}
+
+
+def _list_stages(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    page = state.list_stages(next_token=body.text("nextToken"), max_results=body.integer("maxResults"))
+    return _page("stages", [wire.stage_summary_json(s) for s in page.items], page.next_token)
+
+
+def _update_stage(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    stage = state.update_stage(
+        body.required_text("arn"),
+        name=body.text("name"),
+        recording_configuration=body.mapping("autoParticipantRecordingConfiguration"),
+    )
+    return {"stage": wire.stage_json(stage, stage_endpoints(host))}
+
+
+def _delete_stage(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    state.delete_stage(body.required_text("arn"))
+    return {}
+
+
+def _create_participant_token(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    issued = state.create_participant_token(
+        body.required_text("stageArn"), wire.token_request(body), host=host
+    )
+    return {"participantToken": wire.participant_token_json(issued)}
+
+
+def _import_public_key(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    public_key = state.import_public_key(
+        body.required_text("publicKeyMaterial"), name=body.text("name"), tags=body.text_map("tags")
+    )
+    return {"publicKey": wire.public_key_json(public_key)}
+
+
+def _get_public_key(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    return {"publicKey": wire.public_key_json(state.get_public_key(body.required_text("arn")))}
+
+
+def _list_public_keys(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    page = state.list_public_keys(next_token=body.text("nextToken"), max_results=body.integer("maxResults"))
+    return _page("publicKeys", [wire.public_key_summary_json(k) for k in page.items], page.next_token)
+
+
+def _delete_public_key(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    state.delete_public_key(body.required_text("arn"))
+    return {}
+
+
+def _list_stage_sessions(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    page = state.list_stage_sessions(
+        body.required_text("stageArn"),
+        next_token=body.text("nextToken"),
+        max_results=body.integer("maxResults"),
+    )
+    return _page("stageSessions", [wire.stage_session_json(s) for s in page.items], page.next_token)
+
+
+def _get_stage_session(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    session = state.get_stage_session(body.required_text("stageArn"), body.required_text("sessionId"))
+    return {"stageSession": wire.stage_session_json(session)}
+
+
+def _list_participants(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    page = state.list_participants(
+        body.required_text("stageArn"),
+        body.required_text("sessionId"),
+        filter_by_user_id=body.text("filterByUserId"),
+        filter_by_published=body.boolean("filterByPublished"),
+        filter_by_state=body.text("filterByState"),
+        filter_by_recording_state=body.text("filterByRecordingState"),
+        next_token=body.text("nextToken"),
+        max_results=body.integer("maxResults"),
+    )
+    return _page("participants", [wire.participant_summary_json(p) for p in page.items], page.next_token)
+
+
+def _get_participant(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    participant = state.get_participant(
+        body.required_text("stageArn"), body.required_text("sessionId"), body.required_text("participantId")
+    )
+    return {"participant": wire.participant_json(participant)}
+
+
+def _disconnect_participant(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    state.disconnect_participant(
+        body.required_text("stageArn"), body.required_text("participantId"), reason=body.text("reason")
+    )
+    return {}
+
+
+def _page(name: str, items: list[dict[str, Any]], next_token: str | None) -> dict[str, Any]:
+    result: dict[str, Any] = {name: items}
+    if next_token is not None:
+        result["nextToken"] = next_token
+    return result
+
+
+OPERATIONS: dict[str, Operation] = {
+    "CreateStage": _create_stage,
+    "GetStage": _get_stage,
+    "ListStages": _list_stages,
+    "UpdateStage": _update_stage,
+    "DeleteStage": _delete_stage,
+    "CreateParticipantToken": _create_participant_token,
+    "ImportPublicKey": _import_public_key,
+    "GetPublicKey": _get_public_key,
+    "ListPublicKeys": _list_public_keys,
+    "DeletePublicKey": _delete_public_key,
+    "ListStageSessions": _list_stage_sessions,
+    "GetStageSession": _get_stage_session,
+    "ListParticipants": _list_participants,
+    "GetParticipant": _get_participant,
+    "DisconnectParticipant": _disconnect_participant,
+}
+
+
+# --- aiohttp handlers -------------------------------------------------------------------------------
+
+
+def _begin(request: web.Request, operation: str) -> IvsState:
+    """Counts the call and applies the operation's rate limit before any work is done."""
+    request[_OPERATION] = operation
+    request.app[STATS_KEY].calls[operation] += 1
+    limiter = request.app.get(LIMITER_KEY)
+    if limiter is not None and not limiter.allow(operation):
+        request.app[STATS_KEY].throttles[operation] += 1
+        raise ThrottlingError(f"Rate exceeded for {operation}")
+    return request.app[STATE_KEY]
+
+
+def _ok(result: dict[str, Any]) -> web.Response:
+    return web.json_response(result, headers={"x-amzn-RequestId": str(uuid.uuid4())})
+
+
+async def operation_handler(request: web.Request) -> web.Response:
+    name = request.match_info["operation"]
+    operation = OPERATIONS.get(name)
+    if operation is None:
+        raise UnknownOperationError(f"Operation {name} is not supported by the emulator")
+    state = _begin(request, name)
+    body = Body.parse(await request.read())
+    return _ok(operation(state, body, request.host))
+
+
+async def tag_resource_handler(request: web.Request) -> web.Response:
+    state = _begin(request, "TagResource")
+    tags = Body.parse(await request.read()).text_map("tags")
+    if tags is None:
+        raise ValidationError("tags is required")
+    state.tag_resource(request.match_info["resource_arn"], tags)
+    return _ok({})
+
+
+async def untag_resource_handler(request: web.Request) -> web.Response:
+    state = _begin(request, "UntagResource")
+    if "tagKeys" not in request.query:
+        raise ValidationError("tagKeys is required")
+    state.untag_resource(request.match_info["resource_arn"], request.query.getall("tagKeys"))
+    return _ok({})
+
+
+async def list_tags_handler(request: web.Request) -> web.Response:
+    state = _begin(request, "ListTagsForResource")
+    return _ok({"tags": state.list_tags_for_resource(request.match_info["resource_arn"])})
+
+
+async def stats_handler(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATS_KEY].as_dict())
+
+
+async def token_key_handler(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    return web.json_response({"kid": state.token_key_id, "publicKeyPem": state.token_public_key_pem})
+
+
+def _error_response(error: IvsApiError) -> web.Response:
+    # boto3 reads the code from the header and Error.Message only from "message"; the model names
+    # the member "exceptionMessage", so both are sent (ivs-facts §2.0).
+    return web.json_response(
+        {"message": error.message, "exceptionMessage": error.message},
+        status=error.status,
+        headers={"x-amzn-ErrorType": error.code, "x-amzn-RequestId": str(uuid.uuid4())},
+    )
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """The one place where domain errors become HTTP answers; nothing escapes as a traceback."""
+    try:
+        return await handler(request)
+    except IvsApiError as error:
+        operation = request.get(_OPERATION)
+        if operation is not None:
+            request.app[STATS_KEY].errors[(operation, error.code)] += 1
+        return _error_response(error)
+    except web.HTTPException as error:
+        if error.status in (404, 405):
+            return _error_response(UnknownOperationError(f"No operation at {request.method} {request.path}"))
+        raise
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return _error_response(IvsApiError("Internal server error"))
+
+
+def create_app(
+    settings: Settings, state: IvsState | None = None, *, stats: CallStats | None = None
+) -> web.Application:
+    """The emulator's aiohttp app; pass `state` to share one IvsState with a test or the events socket."""
+    app = web.Application(middlewares=[error_middleware])
+    app[STATE_KEY] = state if state is not None else IvsState(settings)
+    app[STATS_KEY] = stats if stats is not None else CallStats()
+    if settings.rate_limits:
+        app[LIMITER_KEY] = RateLimiter()
+    app.router.add_get("/_emulator/stats", stats_handler)
+    app.router.add_get("/_emulator/token-key", token_key_handler)
+    # .+ because the ARN arrives percent-encoded and may contain "/" once decoded.
+    app.router.add_post("/tags/{resource_arn:.+}", tag_resource_handler)
+    app.router.add_delete("/tags/{resource_arn:.+}", untag_resource_handler)
+    app.router.add_get("/tags/{resource_arn:.+}", list_tags_handler)
+    app.router.add_post("/{operation}", operation_handler)
+    return app

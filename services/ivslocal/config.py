@@ -1,0 +1,46 @@
+"""Settings of the IVS emulator, read from FANOUT_IVSLOCAL_* environment variables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from services.common.env import Env
+
+# The emulator pretends to be one account in one region; ARNs and token checks use these.
+REGION = "us-east-1"
+ACCOUNT_ID = "123456789012"
+
+# Fixed IVS quotas (ivs-facts §3): not adjustable in AWS, so not settings here either.
+PUBLISHERS_PER_STAGE = 12
+PUBLIC_KEY_QUOTA = 3
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8099
+    region: str = REGION
+    account_id: str = ACCOUNT_ID
+    stage_quota: int = 1000
+    subscriber_quota: int = 10_000
+    publisher_quota: int = PUBLISHERS_PER_STAGE
+    public_key_quota: int = PUBLIC_KEY_QUOTA
+    rate_limits: bool = False
+    # IVS ends a session a few minutes after the last participant leaves; locally nobody wants to wait.
+    session_end_delay_seconds: float = 0.0
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Reads and validates the settings; raises ConfigError naming the bad variable."""
+    env = Env(environ)
+    return Settings(
+        host=env.str("FANOUT_IVSLOCAL_HOST", "127.0.0.1"),
+        port=env.int("FANOUT_IVSLOCAL_PORT", 8099, minimum=0, maximum=65535),
+        stage_quota=env.int("FANOUT_IVSLOCAL_STAGE_QUOTA", 1000, minimum=0),
+        subscriber_quota=env.int("FANOUT_IVSLOCAL_SUBSCRIBER_QUOTA", 10_000, minimum=0),
+        rate_limits=env.bool("FANOUT_IVSLOCAL_RATE_LIMITS", False),
+        session_end_delay_seconds=env.float(
+            "FANOUT_IVSLOCAL_SESSION_END_DELAY_SECONDS", 0.0, minimum=0.0, maximum=3600.0
+        ),
+    )
