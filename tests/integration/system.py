@@ -20,9 +20,9 @@ from protos.fanout.v1 import allocator_pb2_grpc, stagemanager_pb2_grpc
 from services.allocator.config import read_settings as read_allocator_settings
 from services.allocator.server import AllocatorService, start_allocator
 from services.common.ivs_calls import make_ivs_client
+from services.ivslocal.config import Settings as IvsSettings
 from services.stagemanager.config import read_settings as read_stagemanager_settings
 from services.stagemanager.server import StageManagerService, start_stage_manager
-from services.ivslocal.config import Settings as IvsSettings
 from tests.integration.ivslocal_fixtures import IvsLocalServer, running_ivslocal
 from tests.integration.waiting import eventually
 
@@ -97,7 +97,9 @@ async def start_stagemanager(env: Mapping[str, str]) -> StageManagerService:
 async def start_allocator_for(env: Mapping[str, str], stagemanager_port: int) -> AllocatorService:
     settings = read_allocator_settings({**env, "FANOUT_STAGEMANAGER_ADDR": f"127.0.0.1:{stagemanager_port}"})
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{stagemanager_port}")
-    service = await start_allocator(settings, ivs_client(env["FANOUT_IVS_ENDPOINT"]), channel, CollectorRegistry())
+    service = await start_allocator(
+        settings, ivs_client(env["FANOUT_IVS_ENDPOINT"]), channel, CollectorRegistry()
+    )
     service.tasks.append(_close_on_cancel(channel))
     return service
 

@@ -69,7 +69,9 @@ async def test_publisher_status_moves_stages_between_standby_and_live(tmp_path: 
                 with pytest.raises(grpc.aio.AioRpcError) as unknown:
                     await stub.ReportPublisherStatus(
                         pb.ReportPublisherStatusRequest(
-                            room="main", stage_arn="arn:aws:ivs:us-east-1:123456789012:stage/nope", publishing=True
+                            room="main",
+                            stage_arn="arn:aws:ivs:us-east-1:123456789012:stage/nope",
+                            publishing=True,
                         )
                     )
                 with pytest.raises(grpc.aio.AioRpcError) as bad_room:
@@ -78,7 +80,10 @@ async def test_publisher_status_moves_stages_between_standby_and_live(tmp_path: 
             await service.stop(0)
         assert live.stage.state == common_pb2.STAGE_STATE_LIVE
         assert during.publishing
-        assert [s.state for s in during.stages] == [common_pb2.STAGE_STATE_STANDBY, common_pb2.STAGE_STATE_LIVE]
+        assert [s.state for s in during.stages] == [
+            common_pb2.STAGE_STATE_STANDBY,
+            common_pb2.STAGE_STATE_LIVE,
+        ]
         assert not after.publishing
         assert all(s.state == common_pb2.STAGE_STATE_STANDBY for s in after.stages)
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
@@ -145,13 +150,20 @@ async def test_end_room_deletes_its_stages_in_ivs(tmp_path: Path) -> None:
         assert sorted(s["tags"]["fanout:room"] for s in left) == ["stays", "stays"]  # type: ignore[index]
 
 
-async def test_restart_recovers_inventory_without_duplicates_or_touching_other_clusters(tmp_path: Path) -> None:
+async def test_restart_recovers_inventory_without_duplicates_or_touching_other_clusters(
+    tmp_path: Path,
+) -> None:
     async with running_ivslocal() as ivs:
         client = ivs.boto3_client()
         foreign = await asyncio.to_thread(
             client.create_stage,
             name="someone-else",
-            tags={"fanout:cluster": "other", "fanout:room": "main", "fanout:index": "0", "fanout:role": "origin"},
+            tags={
+                "fanout:cluster": "other",
+                "fanout:room": "main",
+                "fanout:index": "0",
+                "fanout:role": "origin",
+            },
         )
         env = service_env(ivs.url, tmp_path, {"FANOUT_MIN_STAGES": "2"})
         first = await start_stagemanager(env)

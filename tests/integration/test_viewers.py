@@ -17,7 +17,9 @@ from tests.integration.waiting import eventually
 
 async def start_show(http: aiohttp.ClientSession, system: System, room: str = "main") -> dict:
     async with http.post(
-        f"{system.gateway_url}/api/token/publisher-all", json={"room": room}, headers=system.publisher_headers()
+        f"{system.gateway_url}/api/token/publisher-all",
+        json={"room": room},
+        headers=system.publisher_headers(),
     ) as response:
         assert response.status == 200, await response.text()
         return await response.json()
@@ -115,13 +117,18 @@ async def test_500_concurrent_viewers_are_balanced_within_capacity(tmp_path: Pat
 
 
 async def test_viewers_are_refused_with_retry_after_only_at_the_hard_limit(tmp_path: Path) -> None:
-    async with running_system(
-        tmp_path, FANOUT_MIN_STAGES="2", FANOUT_STAGE_CAPACITY="2", FANOUT_STAGE_HARD_LIMIT="3"
-    ) as system, aiohttp.ClientSession() as http:
+    async with (
+        running_system(
+            tmp_path, FANOUT_MIN_STAGES="2", FANOUT_STAGE_CAPACITY="2", FANOUT_STAGE_HARD_LIMIT="3"
+        ) as system,
+        aiohttp.ClientSession() as http,
+    ):
         await start_show(http, system)
         statuses = []
         for i in range(8):
-            async with http.post(f"{system.gateway_url}/api/token/viewer", json={"userId": f"u{i}"}) as response:
+            async with http.post(
+                f"{system.gateway_url}/api/token/viewer", json={"userId": f"u{i}"}
+            ) as response:
                 statuses.append(response.status)
                 if response.status == 503:
                     refused = await response.json()
@@ -151,7 +158,9 @@ async def test_live_stages_take_viewers_before_standby_ones(tmp_path: Path) -> N
         await eventually(allocator_sees_live, what="the allocator to see the LIVE Stage")
         placed = []
         for i in range(4):
-            async with http.post(f"{system.gateway_url}/api/token/viewer", json={"userId": f"u{i}"}) as response:
+            async with http.post(
+                f"{system.gateway_url}/api/token/viewer", json={"userId": f"u{i}"}
+            ) as response:
                 placed.append((await response.json())["stageArn"])
         info = await room_info(http, system)
     assert placed == [live_arn] * 4
@@ -159,7 +168,10 @@ async def test_live_stages_take_viewers_before_standby_ones(tmp_path: Path) -> N
 
 
 async def test_heartbeat_renews_leave_releases_and_expired_leases_are_reaped(tmp_path: Path) -> None:
-    async with running_system(tmp_path, FANOUT_VIEWER_LEASE_SECONDS="5") as system, aiohttp.ClientSession() as http:
+    async with (
+        running_system(tmp_path, FANOUT_VIEWER_LEASE_SECONDS="5") as system,
+        aiohttp.ClientSession() as http,
+    ):
         await start_show(http, system)
         for user in ("stays", "leaves", "lapses"):
             async with http.post(f"{system.gateway_url}/api/token/viewer", json={"userId": user}) as response:

@@ -1,0 +1,265 @@
+"""REST handlers, one per endpoint: validate the request, call the services, shape the JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC
+from typing import Any
+
+import grpc
+from aiohttp import web
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway import validation
+from gateway.appkeys import CLIENTS, METRICS, PUBLISHER_AUTH, SETTINGS
+from gateway.errors import UpstreamError, calling
+from protos.fanout.v1 import allocator_pb2, common_pb2, stagemanager_pb2
+
+log = logging.getLogger(__name__)
+
+_STATE_PREFIX = "STAGE_STATE_"
+_REFUSALS = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "refused",
+    grpc.StatusCode.NOT_FOUND: "not_found",
+}
+
+
+async def publisher_tokens(request: web.Request) -> web.Response:
+    """POST /api/token/publisher-all: ensure the room exists, then a publish token for each Stage."""
+    settings, clients = request.app[SETTINGS], request.app[CLIENTS]
+    request.app[PUBLISHER_AUTH].require(request.headers.get("Authorization"))
+    parsed = validation.parse_publisher_tokens(await _json_body(request), settings.default_room)
+    async with calling("stagemanager", "EnsureRoom"):
+        ensured = await clients.stagemanager.EnsureRoom(
+            stagemanager_pb2.EnsureRoomRequest(room=parsed.room),
+            timeout=settings.room_rpc_timeout_seconds,
+        )
+    async with calling("allocator", "IssuePublisherTokens"):
+        issued = await clients.allocator.IssuePublisherTokens(
+            allocator_pb2.IssuePublisherTokensRequest(
+                room=parsed.room, user_id=parsed.user_id, min_revision=ensured.revision
+            ),
+            timeout=settings.rpc_timeout_seconds,
+        )
+    tokens = [
+        {**_participant_token_json(issued_token.token), "state": _state_name(issued_token.state)}
+        for issued_token in issued.tokens
+    ]
+    return web.json_response({"room": issued.room or parsed.room, "tokens": tokens})
+
+
+async def viewer_token(request: web.Request) -> web.Response:
+    """POST /api/token/viewer: a subscribe-only token on the least-loaded Stage, with a lease."""
+    started = time.perf_counter()
+    settings, clients, metrics = request.app[SETTINGS], request.app[CLIENTS], request.app[METRICS]
+    parsed = validation.parse_viewer_token(await _json_body(request), settings.default_room)
+    try:
+        async with calling("allocator", "AssignViewer"):
+            assigned = await clients.allocator.AssignViewer(
+                allocator_pb2.AssignViewerRequest(room=parsed.room, user_id=parsed.user_id),
+                timeout=settings.rpc_timeout_seconds,
+            )
+    except UpstreamError as exc:
+        metrics.viewer_assignments.labels(_REFUSALS.get(exc.error.code(), "error")).inc()
+        raise
+    metrics.viewer_assignments.labels("sticky" if assigned.sticky else "placed").inc()
+    response = web.json_response(
+        {
+            "room": assigned.room or parsed.room,
+            "userId": assigned.user_id or parsed.user_id,
+            **_participant_token_json(assigned.token),
+            "leaseSeconds": assigned.lease_seconds,
+        }
+    )
+    metrics.token_issue_duration.observe(time.perf_counter() - started)
+    return response
+
+
+async def viewer_heartbeat(request: web.Request) -> web.Response:
+    """POST /api/viewer/heartbeat: extends a live lease; 404 lease_not_found when there is none."""
+    settings, clients = request.app[SETTINGS], request.app[CLIENTS]
+    parsed = validation.parse_viewer_lease(await _json_body(request))
+    async with calling("allocator", "RenewViewer"):
+        renewed = await clients.allocator.RenewViewer(
+            allocator_pb2.RenewViewerRequest(room=parsed.room, user_id=parsed.user_id),
+            timeout=settings.rpc_timeout_seconds,
+        )
+    return web.json_response({"leaseSeconds": renewed.lease_seconds, "stageArn": renewed.stage_arn or None})
+
+
+async def viewer_leave(request: web.Request) -> web.Response:
+    """POST /api/viewer/leave: ends a lease; idempotent, and accepts navigator.sendBeacon bodies."""
+    settings, clients = request.app[SETTINGS], request.app[CLIENTS]
+    # sendBeacon with a string body is sent as text/plain; the page uses a JSON Blob, others may not.
+    parsed = validation.parse_viewer_lease(await _json_body(request, allow_text_plain=True))
+    try:
+        async with calling("allocator", "ReleaseViewer"):
+            await clients.allocator.ReleaseViewer(
+                allocator_pb2.ReleaseViewerRequest(room=parsed.room, user_id=parsed.user_id),
+                timeout=settings.rpc_timeout_seconds,
+            )
+    except UpstreamError as exc:
+        # Leaving something that is already gone (lease or whole room) is the outcome the caller wants.
+        if exc.error.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+    return web.Response(status=204)
+
+
+async def publisher_status(request: web.Request) -> web.Response:
+    """POST /api/rooms/{room}/publisher/status: the broadcast page publishes (or stopped) on a Stage."""
+    settings, clients = request.app[SETTINGS], request.app[CLIENTS]
+    request.app[PUBLISHER_AUTH].require(request.headers.get("Authorization"))
+    room = validation.parse_room(request.match_info["room"])
+    parsed = validation.parse_publisher_status(room, await _json_body(request))
+    async with calling("stagemanager", "ReportPublisherStatus"):
+        await clients.stagemanager.ReportPublisherStatus(
+            stagemanager_pb2.ReportPublisherStatusRequest(
+                room=parsed.room, stage_arn=parsed.stage_arn, publishing=parsed.publishing
+            ),
+            timeout=settings.rpc_timeout_seconds,
+        )
+    return web.Response(status=204)
+
+
+async def get_room(request: web.Request) -> web.Response:
+    """GET /api/rooms/{room}: the room's Stages in index order with their viewers and capacity."""
+    settings, clients = request.app[SETTINGS], request.app[CLIENTS]
+    room = validation.parse_room(request.match_info["room"])
+
+    async def fetch_room() -> stagemanager_pb2.GetRoomResponse:
+        async with calling("stagemanager", "GetRoom"):
+            return await clients.stagemanager.GetRoom(
+                stagemanager_pb2.GetRoomRequest(room=room), timeout=settings.rpc_timeout_seconds
+            )
+
+    async def fetch_occupancy() -> allocator_pb2.GetOccupancyResponse:
+        async with calling("allocator", "GetOccupancy"):
+            return await clients.allocator.GetOccupancy(
+                allocator_pb2.GetOccupancyRequest(room=room), timeout=settings.rpc_timeout_seconds
+            )
+
+    # Both calls always finish (return_exceptions), so no failure is left unretrieved; the room's
+    # own error (e.g. room_not_found) wins over the occupancy's.
+    room_result, occupancy_result = await asyncio.gather(
+        fetch_room(), fetch_occupancy(), return_exceptions=True
+    )
+    if isinstance(room_result, BaseException):
+        raise room_result
+    if isinstance(occupancy_result, BaseException):
+        raise occupancy_result
+    occupancy = {entry.stage_arn: entry for entry in occupancy_result.stages if entry.room in ("", room)}
+    stages = []
+    for stage in sorted(room_result.room.stages, key=lambda stage: stage.index):
+        entry = occupancy.get(stage.arn) if stage.arn else None
+        stages.append(
+            {
+                "stageArn": stage.arn or None,
+                "state": _state_name(stage.state),
+                "viewers": entry.viewers if entry else 0,
+                "capacity": entry.capacity if entry else 0,
+            }
+        )
+    return web.json_response(
+        {
+            "room": room_result.room.room or room,
+            "viewers": sum(entry.viewers for entry in occupancy.values()),
+            "stages": stages,
+            "publishing": room_result.room.publishing,
+            "lastError": room_result.room.last_error or None,
+        }
+    )
+
+
+async def end_room(request: web.Request) -> web.Response:
+    """DELETE /api/rooms/{room}: drains and deletes every Stage of the room."""
+    settings, clients = request.app[SETTINGS], request.app[CLIENTS]
+    request.app[PUBLISHER_AUTH].require(request.headers.get("Authorization"))
+    room = validation.parse_room(request.match_info["room"])
+    async with calling("stagemanager", "EndRoom"):
+        await clients.stagemanager.EndRoom(
+            stagemanager_pb2.EndRoomRequest(room=room), timeout=settings.room_rpc_timeout_seconds
+        )
+    return web.Response(status=204)
+
+
+async def page_config(request: web.Request) -> web.Response:
+    """GET /api/config: what the pages need to know about this deployment."""
+    settings = request.app[SETTINGS]
+    return web.json_response(
+        {
+            "mode": settings.mode,
+            "defaultRoom": settings.default_room,
+            "heartbeatSeconds": settings.heartbeat_seconds,
+            "leaseSeconds": settings.viewer_lease_seconds,
+        }
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: the process answers; dependencies are /readyz's business."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz: 200 when both services report SERVING on the standard gRPC health check."""
+    settings, clients = request.app[SETTINGS], request.app[CLIENTS]
+    limit = settings.readiness_timeout_seconds
+    allocator, stagemanager = await asyncio.gather(
+        _health_status(clients.allocator_health, limit), _health_status(clients.stagemanager_health, limit)
+    )
+    dependencies = {"allocator": allocator, "stagemanager": stagemanager}
+    down = [name for name, status in dependencies.items() if status != "SERVING"]
+    if not down:
+        return web.json_response({"status": "ready", "dependencies": dependencies})
+    message = "Not ready: " + ", ".join(f"{name} is {dependencies[name]}" for name in down) + "."
+    return web.json_response(
+        {"error": {"code": "not_ready", "message": message}, "dependencies": dependencies}, status=503
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text exposition of this gateway's registry."""
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _health_status(stub: Any, limit_seconds: float) -> str:
+    try:
+        answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=limit_seconds)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+
+
+async def _json_body(request: web.Request, *, allow_text_plain: bool = False) -> dict[str, Any]:
+    # read() enforces client_max_size, so a body without Content-Length still cannot exceed the limit.
+    body = await request.read()
+    return validation.parse_json_object(
+        body, request.headers.get("Content-Type"), allow_text_plain=allow_text_plain
+    )
+
+
+def _participant_token_json(token: common_pb2.ParticipantToken) -> dict[str, Any]:
+    return {
+        "stageArn": token.stage_arn,
+        "token": token.token,
+        "participantId": token.participant_id,
+        "expirationTime": _iso_utc(token.expiration_time) if token.HasField("expiration_time") else None,
+    }
+
+
+def _iso_utc(timestamp: Timestamp) -> str:
+    return timestamp.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _state_name(state: int) -> str:
+    try:
+        name = common_pb2.StageState.Name(state)  # type: ignore[arg-type]
+    except ValueError:
+        # A state added to the proto after this gateway was built.
+        return "UNKNOWN"
+    return name.removeprefix(_STATE_PREFIX)

@@ -1,0 +1,82 @@
+"""Gateway settings read once from FANOUT_* environment variables; a bad value names its variable."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.env import ConfigError, Env
+
+# Same rule as a host:port the grpc library accepts for our purposes; DNS names, IPv4 and [IPv6].
+_ADDRESS_PATTERN = r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}"
+_HOST_PATTERN = r"[A-Za-z0-9.:-]+"
+_ROOM_PATTERN = r"[a-z0-9][a-z0-9-]{0,63}"
+_REPO_WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    allocator_addr: str = "127.0.0.1:50062"
+    stagemanager_addr: str = "127.0.0.1:50061"
+    # Several keys so one can be rotated out while the other still works.
+    publisher_keys: tuple[str, ...] = ()
+    mode: str = "local"
+    state_dir: Path = Path(".fanout")
+    default_room: str = "main"
+    viewer_lease_seconds: int = 60
+    max_body_bytes: int = 16384
+    # Per client IP; 0 turns the limiter off (benchmarks, trusted networks).
+    rate_limit_per_second: float = 20.0
+    rate_limit_burst: int = 40
+    log_json: bool = False
+    web_dir: Path = field(default=_REPO_WEB_DIR)
+    # Most calls are one store round trip; EnsureRoom and EndRoom wait for IVS to create/delete Stages.
+    rpc_timeout_seconds: float = 5.0
+    room_rpc_timeout_seconds: float = 30.0
+    readiness_timeout_seconds: float = 1.0
+
+    @property
+    def heartbeat_seconds(self) -> int:
+        """How often the watch page renews its lease: three chances before it lapses, never spammy."""
+        return max(5, self.viewer_lease_seconds // 3)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewaySettings:
+        source = os.environ if environ is None else environ
+        env = Env(source)
+        default_mode = "aws" if env.raw("AWS_REGION") or env.raw("AWS_DEFAULT_REGION") else "local"
+        mode = env.choice("FANOUT_MODE", default_mode, ("local", "aws"))
+        keys = tuple(env.list("FANOUT_PUBLISHER_KEYS"))
+        if mode == "aws" and not keys:
+            # Local mode generates a key; in AWS a missing key would lock the broadcaster out silently.
+            raise ConfigError("FANOUT_PUBLISHER_KEYS must be set in aws mode (comma-separated keys)")
+        for key in keys:
+            if len(key) < 16 or not key.isascii() or any(ch.isspace() for ch in key):
+                # Never echo the value: it is a secret.
+                raise ConfigError(
+                    "FANOUT_PUBLISHER_KEYS: every key must be at least 16 printable ASCII characters"
+                )
+        rate = env.float("FANOUT_RATE_LIMIT_PER_SECOND", 20.0, minimum=0)
+        web_dir_raw = env.raw("FANOUT_WEB_DIR")
+        return cls(
+            host=env.str("FANOUT_GATEWAY_HOST", "127.0.0.1", pattern=_HOST_PATTERN),
+            port=env.int("FANOUT_GATEWAY_PORT", 8080, minimum=0, maximum=65535),
+            allocator_addr=env.str("FANOUT_ALLOCATOR_ADDR", "127.0.0.1:50062", pattern=_ADDRESS_PATTERN),
+            stagemanager_addr=env.str(
+                "FANOUT_STAGEMANAGER_ADDR", "127.0.0.1:50061", pattern=_ADDRESS_PATTERN
+            ),
+            publisher_keys=keys,
+            mode=mode,
+            state_dir=Path(env.str("FANOUT_STATE_DIR", ".fanout")),
+            default_room=env.str("FANOUT_DEFAULT_ROOM", "main", pattern=_ROOM_PATTERN),
+            viewer_lease_seconds=env.int("FANOUT_VIEWER_LEASE_SECONDS", 60, minimum=5, maximum=86400),
+            max_body_bytes=env.int("FANOUT_MAX_BODY_BYTES", 16384, minimum=256, maximum=1 << 20),
+            rate_limit_per_second=rate,
+            rate_limit_burst=env.int("FANOUT_RATE_LIMIT_BURST", max(1, int(rate * 2)), minimum=1),
+            log_json=env.bool("FANOUT_LOG_JSON", mode == "aws"),
+            web_dir=Path(web_dir_raw) if web_dir_raw is not None else _REPO_WEB_DIR,
+        )

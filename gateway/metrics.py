@@ -1,0 +1,43 @@
+"""The gateway's Prometheus metrics, registered on a registry the caller owns (never the global one)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+VIEWER_RESULTS = ("placed", "sticky", "refused", "not_found", "error")
+
+# Viewer tokens should take milliseconds (DESIGN.md §11: p99 <= 25 ms); finer buckets at the low end.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.http_requests = Counter(
+            "fanout_http_requests_total",
+            "HTTP requests answered, by route pattern, method and status.",
+            ("route", "method", "status"),
+            registry=registry,
+        )
+        self.http_duration = Histogram(
+            "fanout_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route pattern and method.",
+            ("route", "method"),
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.viewer_assignments = Counter(
+            "fanout_viewer_assignments_total",
+            "Viewer token requests by result: placed, sticky, refused, not_found, error.",
+            ("result",),
+            registry=registry,
+        )
+        self.token_issue_duration = Histogram(
+            "fanout_token_issue_duration_seconds",
+            "Time to issue a viewer token through the gateway (validation, allocator call, JSON).",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        for result in VIEWER_RESULTS:
+            # Pre-create the series so rate() works from the first scrape.
+            self.viewer_assignments.labels(result)

@@ -1,0 +1,277 @@
+"""The request pipeline: request ids and metrics, the JSON error shape, the gRPC->HTTP map, limits."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from gateway.errors import ApiError, UpstreamError
+from gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+_REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{8,64}")
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+_ERROR_CODE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_MAX_MESSAGE_CHARS = 300
+ERROR_CODE_METADATA = "fanout-error-code"
+RETRY_AFTER_METADATA = "retry-after"
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    status: int
+    code: str
+    message: str
+    # Whether the status details are the service's own safe message (its contract), or may come from
+    # the transport (addresses, internals) and must be replaced unless the service set an error code.
+    details_are_safe: bool = True
+    retry_after: int | None = None
+
+
+# The one place a gRPC status becomes an HTTP answer (STYLE.md gateway/, DESIGN.md §7).
+_GRPC_TO_HTTP: dict[grpc.StatusCode, _Mapping] = {
+    grpc.StatusCode.INVALID_ARGUMENT: _Mapping(400, "invalid_argument", "The request is not valid."),
+    grpc.StatusCode.UNAUTHENTICATED: _Mapping(401, "unauthenticated", "Credentials are missing or wrong."),
+    grpc.StatusCode.PERMISSION_DENIED: _Mapping(403, "permission_denied", "This is not allowed."),
+    grpc.StatusCode.NOT_FOUND: _Mapping(404, "not_found", "Not found."),
+    grpc.StatusCode.ALREADY_EXISTS: _Mapping(409, "already_exists", "It already exists."),
+    grpc.StatusCode.FAILED_PRECONDITION: _Mapping(
+        409, "failed_precondition", "This cannot be done in the current state."
+    ),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: _Mapping(
+        503, "no_capacity", "No Stage can take another viewer right now; try again shortly.", retry_after=5
+    ),
+    grpc.StatusCode.UNAVAILABLE: _Mapping(
+        503,
+        "dependency_unavailable",
+        "A backend service is unavailable; try again shortly.",
+        details_are_safe=False,
+        retry_after=2,
+    ),
+    grpc.StatusCode.DEADLINE_EXCEEDED: _Mapping(
+        504, "dependency_timeout", "A backend service did not answer in time.", details_are_safe=False
+    ),
+}
+
+_HTTP_CODES = {
+    400: ("bad_request", "The request is malformed."),
+    401: ("unauthorized", "Credentials are missing or wrong."),
+    403: ("forbidden", "This is not allowed."),
+    404: ("not_found", "There is nothing at this address."),
+    405: ("method_not_allowed", "This method is not allowed here."),
+    413: ("payload_too_large", "The request body is too large."),
+    415: ("unsupported_media_type", "Send the body as JSON (Content-Type: application/json)."),
+    429: ("rate_limited", "Too many requests; slow down."),
+}
+# Headers of aiohttp's own HTTP exceptions that still mean something on our JSON answer.
+_KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
+def api_error_from_grpc(error: grpc.aio.AioRpcError) -> ApiError | None:
+    """The HTTP answer for a failed gRPC call, or None when it is unexpected (answered as a bare 500)."""
+    mapping = _GRPC_TO_HTTP.get(error.code())
+    if mapping is None:
+        return None
+    metadata = _trailing_metadata(error)
+    service_code = metadata.get(ERROR_CODE_METADATA, "")
+    has_service_code = bool(_ERROR_CODE_PATTERN.fullmatch(service_code))
+    # A service's generic code ("unavailable" for UNAVAILABLE) says less than the gateway's default.
+    is_specific = has_service_code and service_code != error.code().name.lower()
+    code = service_code if is_specific else mapping.code
+    message = mapping.message
+    details = error.details()
+    if isinstance(details, str) and details.strip() and (mapping.details_are_safe or has_service_code):
+        message = details.strip()[:_MAX_MESSAGE_CHARS]
+    headers: dict[str, str] = {}
+    if mapping.retry_after is not None:
+        seconds = _retry_after_seconds(metadata.get(RETRY_AFTER_METADATA), mapping.retry_after)
+        headers["Retry-After"] = str(seconds)
+    return ApiError(mapping.status, code, message, headers)
+
+
+def _trailing_metadata(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    pairs: Iterable[tuple[str, str | bytes]] = error.trailing_metadata() or ()
+    return {key.lower(): value for key, value in pairs if isinstance(value, str)}
+
+
+def _retry_after_seconds(raw: str | None, default: int) -> int:
+    try:
+        seconds = float(raw) if raw is not None else float(default)
+    except ValueError:
+        seconds = float(default)
+    if not math.isfinite(seconds):
+        seconds = float(default)
+    return min(3600, max(1, math.ceil(seconds)))
+
+
+def route_label(request: web.Request) -> str:
+    """The route pattern (e.g. /api/rooms/{room}), never the raw path, so labels stay few."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _method_label(method: str) -> str:
+    return method if method in _KNOWN_METHODS else "other"
+
+
+def observe_middleware(metrics: GatewayMetrics) -> Middleware:
+    """Outermost: request id in and out, request counters and latency, one log line per failure."""
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        incoming = request.headers.get(REQUEST_ID_HEADER, "")
+        request_id = incoming if _REQUEST_ID_PATTERN.fullmatch(incoming) else secrets.token_hex(8)
+        request[REQUEST_ID_KEY] = request_id
+        started = time.perf_counter()
+        response = await handler(request)
+        elapsed = time.perf_counter() - started
+        route, method = route_label(request), _method_label(request.method)
+        metrics.http_requests.labels(route, method, str(response.status)).inc()
+        metrics.http_duration.labels(route, method).observe(elapsed)
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        log.debug(
+            "%s %s -> %d in %.1f ms",
+            method,
+            route,
+            response.status,
+            elapsed * 1000,
+            extra={"request_id": request_id},
+        )
+        return response
+
+    return observe
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as {"error": {"code", "message"}}; nothing unexpected leaks details."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    except UpstreamError as exc:
+        mapped = api_error_from_grpc(exc.error)
+        if mapped is None:
+            log.error(
+                "%s.%s failed with %s",
+                exc.dependency,
+                exc.method,
+                exc.error.code().name,
+                exc_info=exc,
+                extra={"request_id": request.get(REQUEST_ID_KEY)},
+            )
+            return _internal_error()
+        if mapped.status >= 500:
+            log.warning(
+                "%s.%s failed with %s",
+                exc.dependency,
+                exc.method,
+                exc.error.code().name,
+                extra={"request_id": request.get(REQUEST_ID_KEY)},
+            )
+        return error_response(mapped.status, mapped.code, mapped.message, mapped.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code, message = _HTTP_CODES.get(exc.status, (f"http_{exc.status}", exc.reason))
+        headers = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
+        return error_response(exc.status, code, message, headers)
+    except Exception:
+        log.exception(
+            "unexpected error answering %s %s",
+            request.method,
+            route_label(request),
+            extra={"request_id": request.get(REQUEST_ID_KEY)},
+        )
+        return _internal_error()
+
+
+def _internal_error() -> web.Response:
+    return error_response(500, "internal", "Something went wrong on our side; try again later.")
+
+
+def body_limit_middleware(max_body_bytes: int) -> Middleware:
+    """Refuses a declared oversized body before reading it; client_max_size catches undeclared ones."""
+
+    @web.middleware
+    async def body_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        length = request.content_length
+        if length is not None and length > max_body_bytes:
+            raise ApiError(
+                413, "payload_too_large", f"The request body is larger than {max_body_bytes} bytes."
+            )
+        return await handler(request)
+
+    return body_limit
+
+
+class RateLimiter:
+    """Token buckets per key (client IP): `rate` requests per second on average, bursts up to `burst`."""
+
+    _PRUNE_ABOVE = 10_000
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = rate
+        self._burst = float(max(1, burst))
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._pruned_at = clock()
+
+    def acquire(self, key: str) -> float:
+        """Takes one token; returns 0 when allowed, else the seconds until a token is available."""
+        now = self._clock()
+        tokens, updated = self._buckets.get(key, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - updated) * self._rate)
+        if tokens >= 1:
+            self._buckets[key] = (tokens - 1, now)
+            wait = 0.0
+        else:
+            self._buckets[key] = (tokens, now)
+            wait = (1 - tokens) / self._rate
+        if len(self._buckets) > self._PRUNE_ABOVE and now - self._pruned_at >= 1.0:
+            self._prune(now)
+        return wait
+
+    def _prune(self, now: float) -> None:
+        # A bucket that has refilled completely is the same as no bucket: forget it, bound memory.
+        self._pruned_at = now
+        full_after = self._burst / self._rate
+        self._buckets = {key: bucket for key, bucket in self._buckets.items() if now - bucket[1] < full_after}
+
+
+def rate_limit_middleware(limiter: RateLimiter, prefix: str = "/api/") -> Middleware:
+    """Limits the API per client IP; pages, probes and metrics stay cheap and unlimited."""
+
+    @web.middleware
+    async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(prefix):
+            wait = limiter.acquire(request.remote or "unknown")
+            if wait > 0:
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    "Too many requests from this address; slow down.",
+                    {"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+        return await handler(request)
+
+    return rate_limit

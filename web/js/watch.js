@@ -1,0 +1,146 @@
+// The watch page: renders a ViewerSession (token, lease, subscribe-only Stage) onto a <video>.
+
+import { getConfig } from './api.js';
+import { loadStageSdk } from './sdk.js';
+import { ViewerSession } from './viewer-session.js';
+import { byId, clearError, roomFromQuery, setStatus, showError, stageId, storageGet, storageSet } from './ui.js';
+
+const USER_ID_STORAGE = 'fanout.viewerUserId';
+const DEFAULT_HEARTBEAT_SECONDS = 15;
+
+const els = {
+  video: byId('video'),
+  overlay: byId('video-overlay'),
+  unmute: byId('unmute'),
+  status: byId('status'),
+  error: byId('error'),
+  roomName: byId('room-name'),
+  stageId: byId('stage-id'),
+  userId: byId('user-id'),
+};
+
+// Test hook; never holds the token.
+const view = {
+  state: 'starting',
+  mode: null,
+  room: null,
+  userId: null,
+  stageArn: null,
+  participantId: null,
+  message: '',
+};
+window.fanoutWatch = view;
+
+const OVERLAY_TEXT = {
+  connecting: 'Connecting…',
+  'no-show': 'The show has not started yet',
+  full: 'The show is full — retrying',
+  joining: 'Joining…',
+  waiting: 'Waiting for the broadcaster…',
+  'local-no-media': 'Local mode: video not available yet',
+  reconnecting: 'Reconnecting…',
+  stopped: 'Stopped',
+  error: 'Cannot play',
+};
+
+let session = null;
+let shownTracks = [];
+
+function statusText(snapshot) {
+  if (snapshot.state === 'playing') return 'Live.';
+  let text = snapshot.message || snapshot.state;
+  if (snapshot.retryAt) {
+    const seconds = Math.max(1, Math.round((snapshot.retryAt - Date.now()) / 1000));
+    text += ` (next try in ${seconds} s)`;
+  }
+  return text;
+}
+
+function showTracks(tracks) {
+  const same = tracks.length === shownTracks.length && tracks.every((t) => shownTracks.includes(t));
+  if (same) return;
+  shownTracks = tracks;
+  // A fresh MediaStream per change: browsers start playback reliably on a new srcObject.
+  els.video.srcObject = tracks.length ? new MediaStream(tracks) : null;
+  if (tracks.length) els.video.play().catch(() => {});
+}
+
+function render(snapshot) {
+  Object.assign(view, {
+    state: snapshot.state,
+    room: snapshot.room,
+    userId: snapshot.userId,
+    stageArn: snapshot.stageArn,
+    participantId: snapshot.participantId,
+    message: snapshot.message,
+  });
+  if (snapshot.userId) storageSet(localStorage, USER_ID_STORAGE, snapshot.userId);
+
+  setStatus(els.status, snapshot.state, statusText(snapshot));
+  els.roomName.textContent = snapshot.room || '—';
+  els.stageId.textContent = snapshot.stageArn ? stageId(snapshot.stageArn) : '—';
+  els.stageId.title = snapshot.stageArn || '';
+  els.stageId.dataset.stageArn = snapshot.stageArn || '';
+  els.userId.textContent = snapshot.userId || '—';
+
+  const playing = snapshot.state === 'playing';
+  els.overlay.hidden = playing;
+  els.overlay.textContent = OVERLAY_TEXT[snapshot.state] || snapshot.state;
+  els.unmute.hidden = !playing || !els.video.muted;
+  if (snapshot.state === 'error') showError(els.error, snapshot.message);
+  else clearError(els.error);
+
+  showTracks(session ? session.tracks : []);
+}
+
+function unmute() {
+  els.video.muted = false;
+  els.video.play().catch(() => {});
+  els.unmute.hidden = true;
+}
+
+async function main() {
+  els.unmute.addEventListener('click', unmute);
+
+  let config;
+  try {
+    config = await getConfig();
+  } catch (error) {
+    view.state = 'error';
+    setStatus(els.status, 'error', 'Cannot start.');
+    showError(els.error, `Could not load the configuration: ${error.message}`);
+    return;
+  }
+  view.mode = config.mode;
+
+  let sdk;
+  try {
+    sdk = await loadStageSdk(config);
+  } catch (error) {
+    view.state = 'error';
+    setStatus(els.status, 'error', 'Cannot start.');
+    showError(els.error, error.message);
+    return;
+  }
+
+  session = new ViewerSession({
+    sdk,
+    room: roomFromQuery() || config.defaultRoom || 'main',
+    userId: storageGet(localStorage, USER_ID_STORAGE),
+    heartbeatSeconds: config.heartbeatSeconds || DEFAULT_HEARTBEAT_SECONDS,
+    onUpdate: render,
+  });
+
+  // Keep the "next try in N s" countdown moving.
+  setInterval(() => {
+    if (session.snapshot.retryAt) setStatus(els.status, session.snapshot.state, statusText(session.snapshot));
+  }, 1000);
+  window.addEventListener('pagehide', () => session.stop({ unloading: true }));
+  // Back/forward cache: the page comes back without reloading, so start a new session.
+  window.addEventListener('pageshow', (event) => {
+    if (event.persisted) session.start();
+  });
+  session.start();
+}
+
+main();
