@@ -15,19 +15,10 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from services.common.ivs_quotas import OPERATION_RATES
+
 log = logging.getLogger(__name__)
 
-# IVS's documented rate limits per operation and account (ivs-facts §3); none is adjustable.
-IVS_OPERATION_TPS: Mapping[str, float] = {
-    "CreateParticipantToken": 50.0,
-    "ImportPublicKey": 3.0,
-    "GetPublicKey": 3.0,
-    "ListPublicKeys": 3.0,
-    "DeletePublicKey": 3.0,
-    "TagResource": 10.0,
-    "UntagResource": 10.0,
-    "ListTagsForResource": 10.0,
-}
 DEFAULT_TPS = 5.0
 
 
@@ -48,7 +39,7 @@ class CallBudget:
     """Spaces calls of each operation evenly so no one-second window exceeds its TPS budget."""
 
     def __init__(self, tps: Mapping[str, float] | None = None, default_tps: float = DEFAULT_TPS) -> None:
-        self._tps = dict(IVS_OPERATION_TPS if tps is None else tps)
+        self._tps = dict(OPERATION_RATES if tps is None else tps)
         self._default_tps = default_tps
         self._next_slot: dict[str, float] = {}
         self._clock = time.monotonic

@@ -8,34 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-_STAGE_TPS = 5.0
-_PUBLIC_KEY_TPS = 3.0
-_TAG_TPS = 10.0
-
-# Calls per second per account and region; none is adjustable in AWS.
-OPERATION_RATES: dict[str, float] = {
-    "CreateParticipantToken": 50.0,
-    **dict.fromkeys(
-        (
-            "CreateStage",
-            "GetStage",
-            "ListStages",
-            "UpdateStage",
-            "DeleteStage",
-            "GetStageSession",
-            "ListStageSessions",
-            "ListParticipants",
-            "GetParticipant",
-            "ListParticipantEvents",
-            "DisconnectParticipant",
-        ),
-        _STAGE_TPS,
-    ),
-    **dict.fromkeys(
-        ("ImportPublicKey", "GetPublicKey", "ListPublicKeys", "DeletePublicKey"), _PUBLIC_KEY_TPS
-    ),
-    **dict.fromkeys(("TagResource", "UntagResource", "ListTagsForResource"), _TAG_TPS),
-}
+from services.common.ivs_quotas import OPERATION_RATES
 
 
 @dataclass

@@ -1,0 +1,32 @@
+"""IVS Real-Time call-rate quotas per operation (ivs-facts §3): what the emulator enforces and we respect."""
+
+from __future__ import annotations
+
+_STAGE_TPS = 5.0
+_PUBLIC_KEY_TPS = 3.0
+_TAG_TPS = 10.0
+
+# Calls per second per account and region; none is adjustable in AWS.
+OPERATION_RATES: dict[str, float] = {
+    "CreateParticipantToken": 50.0,
+    **dict.fromkeys(
+        (
+            "CreateStage",
+            "GetStage",
+            "ListStages",
+            "UpdateStage",
+            "DeleteStage",
+            "GetStageSession",
+            "ListStageSessions",
+            "ListParticipants",
+            "GetParticipant",
+            "ListParticipantEvents",
+            "DisconnectParticipant",
+        ),
+        _STAGE_TPS,
+    ),
+    **dict.fromkeys(
+        ("ImportPublicKey", "GetPublicKey", "ListPublicKeys", "DeletePublicKey"), _PUBLIC_KEY_TPS
+    ),
+    **dict.fromkeys(("TagResource", "UntagResource", "ListTagsForResource"), _TAG_TPS),
+}
