@@ -1,0 +1,142 @@
+"""The real system started as `make run` starts it, and headless Chromium to drive its pages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOTS = REPO / "test-output" / "screenshots"
+PUBLISHER_KEY = "e2e-publisher-key-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningSystem:
+    base_url: str
+    publisher_key: str
+    log_path: Path
+
+    def api(
+        self, method: str, path: str, body: object | None = None, key: str | None = None
+    ) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method)  # noqa: S310
+        request.add_header("Content-Type", "application/json")
+        if key:
+            request.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback
+                raw = response.read()
+                return response.status, json.loads(raw) if raw else {}
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+
+@pytest.fixture(scope="session")
+def running_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSystem]:
+    state_dir = tmp_path_factory.mktemp("state")
+    log_path = state_dir / "system.log"
+    gateway_port = free_port()
+    env = {
+        **os.environ,
+        "FANOUT_STATE_DIR": str(state_dir),
+        "FANOUT_PUBLISHER_KEYS": PUBLISHER_KEY,
+        "FANOUT_MIN_STAGES": "2",
+        "FANOUT_GATEWAY_PORT": str(gateway_port),
+        "FANOUT_IVSLOCAL_PORT": str(free_port()),
+        "FANOUT_STAGEMANAGER_PORT": str(free_port()),
+        "FANOUT_ALLOCATOR_PORT": str(free_port()),
+        "FANOUT_STAGEMANAGER_METRICS_PORT": str(free_port()),
+        "FANOUT_ALLOCATOR_METRICS_PORT": str(free_port()),
+        "FANOUT_VIEWER_LEASE_SECONDS": "30",
+    }
+    env.pop("AWS_REGION", None)
+    env.pop("AWS_DEFAULT_REGION", None)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tools.run_local"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    system = RunningSystem(f"http://127.0.0.1:{gateway_port}", PUBLISHER_KEY, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not (_listening(gateway_port) and system.api("GET", "/readyz")[0] == 200):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the system did not start; see {log_path}:\n{log_path.read_text()[-3000:]}"
+                )
+            time.sleep(0.2)
+        yield system
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                "--autoplay-policy=no-user-gesture-required",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        yield chromium
+        chromium.close()
+
+
+@dataclass
+class PageProblems:
+    """Uncaught page errors and console errors; a non-2xx answer the page expects is not a problem."""
+
+    errors: list[str] = field(default_factory=list)
+
+    def watch(self, page: Page) -> Page:
+        page.on("pageerror", lambda error: self.errors.append(f"pageerror: {error}"))
+        page.on("console", self._console)
+        return page
+
+    def _console(self, message: ConsoleMessage) -> None:
+        # Chromium itself logs every non-2xx fetch as "Failed to load resource"; pages cannot silence it.
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+            self.errors.append(f"console: {message.text}")
+
+
+def screenshot(page: Page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)

@@ -1,0 +1,76 @@
+"""Settings are validated at start, and a bad value names its variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.allocator.config import read_settings as read_allocator
+from services.common.env import ConfigError
+from services.common.ivs_settings import read_ivs_settings, read_mode
+from services.stagemanager.config import read_settings as read_stagemanager
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"FANOUT_MIN_STAGES": "0"}, "FANOUT_MIN_STAGES"),
+        ({"FANOUT_MIN_STAGES": "three"}, "FANOUT_MIN_STAGES"),
+        ({"FANOUT_CLUSTER_ID": "Has Spaces"}, "FANOUT_CLUSTER_ID"),
+        ({"FANOUT_CLUSTER_ID": "x" * 40}, "FANOUT_CLUSTER_ID"),
+        ({"FANOUT_MODE": "cloud"}, "FANOUT_MODE"),
+        ({"FANOUT_LOG_JSON": "maybe"}, "FANOUT_LOG_JSON"),
+        ({"FANOUT_STAGEMANAGER_LISTEN": "no-port"}, "FANOUT_STAGEMANAGER_LISTEN"),
+        ({"FANOUT_SHUTDOWN_GRACE_SECONDS": "nan"}, "FANOUT_SHUTDOWN_GRACE_SECONDS"),
+        ({"FANOUT_IVS_ENDPOINT": "ftp://x"}, "FANOUT_IVS_ENDPOINT"),
+        ({"FANOUT_MODE": "aws"}, "AWS_REGION"),
+    ],
+)
+def test_stage_manager_rejects_bad_values_naming_the_variable(environ: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        read_stagemanager(environ)
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"FANOUT_STAGE_CAPACITY": "0"}, "FANOUT_STAGE_CAPACITY"),
+        ({"FANOUT_STAGE_CAPACITY": "100", "FANOUT_STAGE_HARD_LIMIT": "50"}, "FANOUT_STAGE_HARD_LIMIT"),
+        ({"FANOUT_VIEWER_LEASE_SECONDS": "1"}, "FANOUT_VIEWER_LEASE_SECONDS"),
+        ({"FANOUT_VIEWER_TOKEN_SECONDS": "99999999"}, "FANOUT_VIEWER_TOKEN_SECONDS"),
+        ({"FANOUT_TOKEN_MODE": "magic"}, "FANOUT_TOKEN_MODE"),
+        ({"FANOUT_STORE": "postgres"}, "FANOUT_STORE"),
+        (
+            {"FANOUT_MODE": "aws", "AWS_REGION": "us-east-1", "FANOUT_TOKEN_MODE": "self-signed"},
+            "FANOUT_SIGNING_KEY_FILE",
+        ),
+    ],
+)
+def test_allocator_rejects_bad_values_naming_the_variable(environ: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        read_allocator(environ)
+
+
+def test_defaults_are_the_designs() -> None:
+    allocator = read_allocator({})
+    stagemanager = read_stagemanager({})
+    assert allocator.placement.soft_capacity == 50
+    assert allocator.placement.hard_limit == 10_000
+    assert allocator.placement.lease_seconds == 60
+    assert allocator.self_signed and allocator.signing_key_file is not None
+    assert stagemanager.rooms.min_stages == 1
+    assert stagemanager.rooms.cluster_id == "local"
+
+
+def test_mode_is_local_unless_a_region_is_configured() -> None:
+    assert read_mode({}) == "local"
+    assert read_mode({"AWS_REGION": "eu-west-1"}) == "aws"
+    assert read_mode({"AWS_DEFAULT_REGION": "eu-west-1", "FANOUT_MODE": "local"}) == "local"
+    local = read_ivs_settings({})
+    assert local.endpoint_url == "http://127.0.0.1:8099" and local.local_credentials
+    aws = read_ivs_settings({"AWS_REGION": "eu-west-1"})
+    assert aws.endpoint_url is None and not aws.local_credentials and aws.region == "eu-west-1"
+
+
+def test_aws_mode_without_a_signing_key_falls_back_to_the_token_api() -> None:
+    settings = read_allocator({"AWS_REGION": "us-west-2"})
+    assert not settings.self_signed and settings.signing_key_file is None
