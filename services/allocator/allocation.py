@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.allocator.inventory import KEEPS_VIEWERS, StageInventory, StageView
+from services.allocator.observations import ObservedViewers
 from services.allocator.placement import Candidate
 from services.allocator.store import LeaseStore
 from services.allocator.tokens import IssuedToken, StageEndpoints, TokenMinter
@@ -29,6 +30,8 @@ class PlacementSettings:
     # How long IssuePublisherTokens waits for the WatchRoom stream to catch up with a revision.
     revision_wait_seconds: float = 5.0
     no_capacity_retry_after: int = 5
+    # How long a monitor observation of a Stage's viewers stays good for placement decisions.
+    observation_ttl_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,27 @@ class StageOccupancy:
     observed: int
     viewers: int
     capacity: int
+
+
+@dataclass(frozen=True)
+class RoomOccupancy:
+    room: str
+    viewers: int
+    joins_total: int
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    stages: list[StageOccupancy]
+    rooms: list[RoomOccupancy]
+
+
+@dataclass(frozen=True)
+class StageViewersObservation:
+    room: str
+    stage_arn: str
+    subscribers: int
+    observed_at: float
 
 
 class AllocatorMetrics:
@@ -91,6 +115,7 @@ class Allocator:
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
+        self._observed = ObservedViewers(settings.observation_ttl_seconds)
 
     def _require_room(self, room: str) -> None:
         check_room_id(room)
@@ -106,7 +131,11 @@ class Allocator:
             self._metrics.assignments.labels("not_found").inc()
             raise
         stages = {stage.arn: stage for stage in self._inventory.stages(room)}
-        candidates = [Candidate(stage.arn, stage.index) for stage in self._inventory.eligible(room)]
+        now = self._clock()
+        candidates = [
+            Candidate(stage.arn, stage.index, self._observed.subscribers(stage.arn, now))
+            for stage in self._inventory.eligible(room)
+        ]
         keep_on = [arn for arn, stage in stages.items() if stage.state in KEEPS_VIEWERS]
         settings = self._settings
         assignment = await self._store.assign(
@@ -117,7 +146,7 @@ class Allocator:
             settings.soft_capacity,
             settings.hard_limit,
             settings.lease_seconds,
-            self._clock(),
+            now,
         )
         if assignment is None:
             self._metrics.assignments.labels("refused").inc()
@@ -182,21 +211,42 @@ class Allocator:
             issued.append((token, stage.state))
         return issued
 
-    async def occupancy(self, room: str) -> list[StageOccupancy]:
+    async def occupancy(self, room: str) -> Occupancy:
+        """Per Stage: leased, observed, and max of both (what decisions use); per room: viewers, joins."""
         if room:
             check_room_id(room)
         now = self._clock()
         rooms = [room] if room else self._inventory.rooms()
         counts = {room: await self._store.counts(room, now)} if room else await self._store.rooms_counts(now)
-        result = []
+        joins = await self._store.joins()
+        stages = []
         for room_id in rooms:
             room_counts = counts.get(room_id, {})
             for stage in self._inventory.stages(room_id):
                 leased = room_counts.get(stage.arn, 0)
-                result.append(
-                    StageOccupancy(room_id, stage.arn, leased, 0, leased, self._settings.soft_capacity)
+                observed = self._observed.subscribers(stage.arn, now)
+                stages.append(
+                    StageOccupancy(
+                        room_id,
+                        stage.arn,
+                        leased,
+                        observed,
+                        max(leased, observed),
+                        self._settings.soft_capacity,
+                    )
                 )
-        return result
+        summaries = [
+            RoomOccupancy(room_id, sum(counts.get(room_id, {}).values()), joins.get(room_id, 0))
+            for room_id in rooms
+        ]
+        return Occupancy(stages, summaries)
+
+    def record_observations(self, observations: list[StageViewersObservation]) -> None:
+        for observation in observations:
+            check_room_id(observation.room)
+            check_stage_arn(observation.stage_arn)
+        for observation in observations:
+            self._observed.record(observation.stage_arn, observation.subscribers, observation.observed_at)
 
     async def reap_expired(self) -> int:
         expired = await self._store.reap(self._clock())
@@ -208,4 +258,5 @@ class Allocator:
     async def forget_stages(self, stages: list[StageView]) -> None:
         """Leases on a deleted Stage end with it."""
         for stage in stages:
+            self._observed.forget(stage.arn)
             await self._store.drop_stage(stage.room, stage.arn)

@@ -6,7 +6,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.fanout.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2
-from services.allocator.allocation import Allocator
+from services.allocator.allocation import Allocator, StageViewersObservation
 from services.allocator.tokens import IssuedToken
 
 
@@ -68,8 +68,12 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
     async def GetOccupancy(
         self, request: allocator_pb2.GetOccupancyRequest, context: grpc.aio.ServicerContext
     ) -> allocator_pb2.GetOccupancyResponse:
-        stages = await self._allocator.occupancy(request.room)
+        occupancy = await self._allocator.occupancy(request.room)
         return allocator_pb2.GetOccupancyResponse(
+            rooms=[
+                allocator_pb2.RoomOccupancy(room=r.room, viewers=r.viewers, joins_total=r.joins_total)
+                for r in occupancy.rooms
+            ],
             stages=[
                 allocator_pb2.StageOccupancy(
                     room=s.room,
@@ -79,6 +83,22 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
                     viewers=s.viewers,
                     capacity=s.capacity,
                 )
-                for s in stages
+                for s in occupancy.stages
+            ],
+        )
+
+    async def ReportObservedViewers(
+        self, request: allocator_pb2.ReportObservedViewersRequest, context: grpc.aio.ServicerContext
+    ) -> allocator_pb2.ReportObservedViewersResponse:
+        self._allocator.record_observations(
+            [
+                StageViewersObservation(
+                    room=o.room,
+                    stage_arn=o.stage_arn,
+                    subscribers=o.subscribers,
+                    observed_at=o.observed_at.ToNanoseconds() / 1e9,
+                )
+                for o in request.observations
             ]
         )
+        return allocator_pb2.ReportObservedViewersResponse()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import heapq
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -83,6 +83,10 @@ class LeaseStore(Protocol):
         """Removes all leases on a deleted Stage; returns how many were removed."""
         ...
 
+    async def joins(self) -> dict[str, int]:
+        """New placements (not sticky renewals) per room since the store began: the join rate's source."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -111,6 +115,7 @@ class MemoryLeaseStore:
         # Leases removed by lazy expiry wait here for the next `reap`; bounded so that a process that
         # never reaps cannot grow without limit (the oldest are then dropped unreported).
         self._expired: deque[Lease] = deque(maxlen=max_unreported_expired)
+        self._joins: Counter[str] = Counter()
 
     async def assign(
         self,
@@ -146,6 +151,7 @@ class MemoryLeaseStore:
         lease = Lease(room, user_id, chosen.stage_arn, now + lease_seconds)
         self._put(state, lease)
         self._rooms[room] = state
+        self._joins[room] += 1
         return Assignment(lease, sticky=False)
 
     async def renew(self, room: str, user_id: str, lease_seconds: float, now: float) -> Lease | None:
@@ -201,6 +207,9 @@ class MemoryLeaseStore:
             del state.leases[user_id]
         self._forget_if_empty(room, state)
         return len(users)
+
+    async def joins(self) -> dict[str, int]:
+        return dict(self._joins)
 
     async def close(self) -> None:
         """Nothing to release: the leases die with the process."""

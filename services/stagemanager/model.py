@@ -31,6 +31,8 @@ class StageRecord:
     events_url: str = ""
     whip_url: str = ""
     publishing: bool = False
+    # When `publishing` last changed: an observation older than that must not undo it.
+    publishing_since: float = 0.0
 
     def copy(self) -> StageRecord:
         return dataclasses.replace(self)

@@ -25,11 +25,21 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class StageObservation:
+    room: str
+    stage_arn: str
+    publishers: int
+    observed_at: float
+
+
+@dataclass(frozen=True)
 class RoomSettings:
     cluster_id: str
     min_stages: int = 1
     max_stages_per_room: int = 200
     create_attempts: int = 3
+    # A publisher the monitor does not see is only gone once the page's own report is this old.
+    publisher_grace_seconds: float = 10.0
 
 
 class RoomManager:
@@ -206,6 +216,10 @@ class RoomManager:
         stage = room.stage_by_arn(arn)
         if stage is None:
             raise NotFound("the Stage is not part of this room", code="stage_not_found")
+        self._set_publishing(room, stage, publishing, self._clock())
+        return stage.copy()
+
+    def _set_publishing(self, room: RoomRecord, stage: StageRecord, publishing: bool, at: float) -> None:
         was_publishing = room.publishing
         state = stage.state
         if publishing and state is StageState.STANDBY:
@@ -213,11 +227,32 @@ class RoomManager:
         elif not publishing and state is StageState.LIVE:
             state = StageState.STANDBY
         if state is not stage.state or publishing != stage.publishing:
-            self._inventory.update_stage(stage, state=state, publishing=publishing)
-            log.info("room %s: Stage %d %s (publishing=%s)", room_id, stage.index, state.value, publishing)
+            self._inventory.update_stage(stage, state=state, publishing=publishing, publishing_since=at)
+            log.info("room %s: Stage %d %s (publishing=%s)", room.room, stage.index, state.value, publishing)
         if room.publishing != was_publishing:
-            self._inventory.room_publishing_changed(room_id)
-        return stage.copy()
+            self._inventory.room_publishing_changed(room.room)
+
+    def apply_observations(self, observations: list[StageObservation]) -> None:
+        """The monitor's truth: a publisher seen confirms LIVE; one missing past the grace ends it."""
+        for observation in observations:
+            check_room_id(observation.room)
+            check_stage_arn(observation.stage_arn)
+        for observation in observations:
+            room = self._inventory.room(observation.room)
+            stage = room.stage_by_arn(observation.stage_arn) if room else None
+            if room is None or stage is None:
+                continue  # deleted since the monitor looked
+            if observation.observed_at <= stage.publishing_since:
+                continue  # older than what the page last reported
+            if observation.publishers > 0 and not stage.publishing:
+                self._set_publishing(room, stage, True, observation.observed_at)
+            elif (
+                observation.publishers == 0
+                and stage.publishing
+                and observation.observed_at > stage.publishing_since + self._settings.publisher_grace_seconds
+            ):
+                log.warning("room %s: the publisher vanished from Stage %d", room.room, stage.index)
+                self._set_publishing(room, stage, False, observation.observed_at)
 
     async def end_room(self, room_id: str) -> None:
         """Marks every Stage DELETING at once, then deletes them within the call budget."""

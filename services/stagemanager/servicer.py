@@ -10,7 +10,7 @@ from protos.fanout.v1 import stagemanager_pb2, stagemanager_pb2_grpc
 from services.common.ids import check_room_id
 from services.stagemanager.convert import change_to_proto, room_to_proto, stage_to_proto
 from services.stagemanager.inventory import Inventory
-from services.stagemanager.rooms import RoomManager
+from services.stagemanager.rooms import RoomManager, StageObservation
 
 
 class StageManagerServicer(stagemanager_pb2_grpc.StageManagerServicer):
@@ -49,6 +49,22 @@ class StageManagerServicer(stagemanager_pb2_grpc.StageManagerServicer):
     ) -> stagemanager_pb2.ReportPublisherStatusResponse:
         stage = await self._rooms.report_publisher_status(request.room, request.stage_arn, request.publishing)
         return stagemanager_pb2.ReportPublisherStatusResponse(stage=stage_to_proto(stage))
+
+    async def ReportObservations(
+        self, request: stagemanager_pb2.ReportObservationsRequest, context: grpc.aio.ServicerContext
+    ) -> stagemanager_pb2.ReportObservationsResponse:
+        self._rooms.apply_observations(
+            [
+                StageObservation(
+                    room=o.room,
+                    stage_arn=o.stage_arn,
+                    publishers=o.publishers,
+                    observed_at=o.observed_at.ToNanoseconds() / 1e9,
+                )
+                for o in request.observations
+            ]
+        )
+        return stagemanager_pb2.ReportObservationsResponse()
 
     async def WatchRoom(
         self, request: stagemanager_pb2.WatchRoomRequest, context: grpc.aio.ServicerContext

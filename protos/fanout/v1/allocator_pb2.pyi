@@ -293,21 +293,89 @@ class StageOccupancy(_message.Message):
 Global___StageOccupancy: _TypeAlias = StageOccupancy  # noqa: Y015
 
 @_typing.final
+class RoomOccupancy(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROOM_FIELD_NUMBER: _builtins.int
+    VIEWERS_FIELD_NUMBER: _builtins.int
+    JOINS_TOTAL_FIELD_NUMBER: _builtins.int
+    room: _builtins.str
+    viewers: _builtins.int
+    """Live leases in the room."""
+    joins_total: _builtins.int
+    """Placements of new viewers since the allocator's store began (not renewals): the autoscaler
+    derives the join rate from it.
+    """
+    def __init__(
+        self,
+        *,
+        room: _builtins.str = ...,
+        viewers: _builtins.int = ...,
+        joins_total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["joins_total", b"joins_total", "room", b"room", "viewers", b"viewers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoomOccupancy: _TypeAlias = RoomOccupancy  # noqa: Y015
+
+@_typing.final
 class GetOccupancyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STAGES_FIELD_NUMBER: _builtins.int
+    ROOMS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageOccupancy]: ...
+    @_builtins.property
+    def rooms(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoomOccupancy]: ...
     def __init__(
         self,
         *,
         stages: _abc.Iterable[Global___StageOccupancy] | None = ...,
+        rooms: _abc.Iterable[Global___RoomOccupancy] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["stages", b"stages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rooms", b"rooms", "stages", b"stages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetOccupancyResponse: _TypeAlias = GetOccupancyResponse  # noqa: Y015
+
+@_typing.final
+class ReportObservedViewersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBSERVATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def observations(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.StageObservation]: ...
+    def __init__(
+        self,
+        *,
+        observations: _abc.Iterable[_common_pb2.StageObservation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["observations", b"observations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportObservedViewersRequest: _TypeAlias = ReportObservedViewersRequest  # noqa: Y015
+
+@_typing.final
+class ReportObservedViewersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportObservedViewersResponse: _TypeAlias = ReportObservedViewersResponse  # noqa: Y015

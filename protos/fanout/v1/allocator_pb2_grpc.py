@@ -59,6 +59,11 @@ class AllocatorStub:
                 request_serializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.GetOccupancyRequest.SerializeToString,
                 response_deserializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.GetOccupancyResponse.FromString,
                 _registered_method=True)
+        self.ReportObservedViewers = channel.unary_unary(
+                '/fanout.v1.Allocator/ReportObservedViewers',
+                request_serializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.ReportObservedViewersRequest.SerializeToString,
+                response_deserializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.ReportObservedViewersResponse.FromString,
+                _registered_method=True)
 
 
 class AllocatorServicer:
@@ -101,6 +106,14 @@ class AllocatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportObservedViewers(self, request, context):
+        """The monitor's view of connected viewers per Stage; occupancy for decisions becomes
+        max(leased, observed) until the observation goes stale.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AllocatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_AllocatorServicer_to_server(servicer, server):
                     servicer.GetOccupancy,
                     request_deserializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.GetOccupancyRequest.FromString,
                     response_serializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.GetOccupancyResponse.SerializeToString,
+            ),
+            'ReportObservedViewers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportObservedViewers,
+                    request_deserializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.ReportObservedViewersRequest.FromString,
+                    response_serializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.ReportObservedViewersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +283,33 @@ class Allocator:
             '/fanout.v1.Allocator/GetOccupancy',
             protos_dot_fanout_dot_v1_dot_allocator__pb2.GetOccupancyRequest.SerializeToString,
             protos_dot_fanout_dot_v1_dot_allocator__pb2.GetOccupancyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportObservedViewers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fanout.v1.Allocator/ReportObservedViewers',
+            protos_dot_fanout_dot_v1_dot_allocator__pb2.ReportObservedViewersRequest.SerializeToString,
+            protos_dot_fanout_dot_v1_dot_allocator__pb2.ReportObservedViewersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,10 @@ class AllocatorStub:
     """Publish tokens for the room's Stages (all non-deleted ones, or those named)."""
     GetOccupancy: _grpc.UnaryUnaryMultiCallable[_allocator_pb2.GetOccupancyRequest, _allocator_pb2.GetOccupancyResponse]
     """Viewers per Stage: leased, observed by the monitor, and the max of both used for decisions."""
+    ReportObservedViewers: _grpc.UnaryUnaryMultiCallable[_allocator_pb2.ReportObservedViewersRequest, _allocator_pb2.ReportObservedViewersResponse]
+    """The monitor's view of connected viewers per Stage; occupancy for decisions becomes
+    max(leased, observed) until the observation goes stale.
+    """
 
 @_typing.type_check_only
 class AllocatorAsyncStub(AllocatorStub):
@@ -61,6 +65,10 @@ class AllocatorAsyncStub(AllocatorStub):
     """Publish tokens for the room's Stages (all non-deleted ones, or those named)."""
     GetOccupancy: _aio.UnaryUnaryMultiCallable[_allocator_pb2.GetOccupancyRequest, _allocator_pb2.GetOccupancyResponse]  # type: ignore[assignment]
     """Viewers per Stage: leased, observed by the monitor, and the max of both used for decisions."""
+    ReportObservedViewers: _aio.UnaryUnaryMultiCallable[_allocator_pb2.ReportObservedViewersRequest, _allocator_pb2.ReportObservedViewersResponse]  # type: ignore[assignment]
+    """The monitor's view of connected viewers per Stage; occupancy for decisions becomes
+    max(leased, observed) until the observation goes stale.
+    """
 
 class AllocatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -105,5 +113,15 @@ class AllocatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_allocator_pb2.GetOccupancyResponse, _abc.Awaitable[_allocator_pb2.GetOccupancyResponse]]:
         """Viewers per Stage: leased, observed by the monitor, and the max of both used for decisions."""
+
+    @_abc_1.abstractmethod
+    def ReportObservedViewers(
+        self,
+        request: _allocator_pb2.ReportObservedViewersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_allocator_pb2.ReportObservedViewersResponse, _abc.Awaitable[_allocator_pb2.ReportObservedViewersResponse]]:
+        """The monitor's view of connected viewers per Stage; occupancy for decisions becomes
+        max(leased, observed) until the observation goes stale.
+        """
 
 def add_AllocatorServicer_to_server(servicer: AllocatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

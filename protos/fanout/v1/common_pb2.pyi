@@ -183,3 +183,42 @@ class ParticipantToken(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ParticipantToken: _TypeAlias = ParticipantToken  # noqa: Y015
+
+@_typing.final
+class StageObservation(_message.Message):
+    """What the monitor saw of one Stage in IVS (ListStages / ListParticipants), at one moment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROOM_FIELD_NUMBER: _builtins.int
+    STAGE_ARN_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PUBLISHERS_FIELD_NUMBER: _builtins.int
+    SUBSCRIBERS_FIELD_NUMBER: _builtins.int
+    OBSERVED_AT_FIELD_NUMBER: _builtins.int
+    room: _builtins.str
+    stage_arn: _builtins.str
+    session_id: _builtins.str
+    """The Stage's active session, empty when IVS has none."""
+    publishers: _builtins.int
+    """CONNECTED participants that publish (the broadcaster) and that only subscribe (viewers)."""
+    subscribers: _builtins.int
+    @_builtins.property
+    def observed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        room: _builtins.str = ...,
+        stage_arn: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        publishers: _builtins.int = ...,
+        subscribers: _builtins.int = ...,
+        observed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["observed_at", b"observed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["observed_at", b"observed_at", "publishers", b"publishers", "room", b"room", "session_id", b"session_id", "stage_arn", b"stage_arn", "subscribers", b"subscribers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageObservation: _TypeAlias = StageObservation  # noqa: Y015

@@ -59,6 +59,11 @@ class StageManagerStub:
                 request_serializer=protos_dot_fanout_dot_v1_dot_stagemanager__pb2.ReportPublisherStatusRequest.SerializeToString,
                 response_deserializer=protos_dot_fanout_dot_v1_dot_stagemanager__pb2.ReportPublisherStatusResponse.FromString,
                 _registered_method=True)
+        self.ReportObservations = channel.unary_unary(
+                '/fanout.v1.StageManager/ReportObservations',
+                request_serializer=protos_dot_fanout_dot_v1_dot_stagemanager__pb2.ReportObservationsRequest.SerializeToString,
+                response_deserializer=protos_dot_fanout_dot_v1_dot_stagemanager__pb2.ReportObservationsResponse.FromString,
+                _registered_method=True)
         self.WatchRoom = channel.unary_stream(
                 '/fanout.v1.StageManager/WatchRoom',
                 request_serializer=protos_dot_fanout_dot_v1_dot_stagemanager__pb2.WatchRoomRequest.SerializeToString,
@@ -103,6 +108,14 @@ class StageManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportObservations(self, request, context):
+        """The monitor's view of each Stage: a publishing participant confirms LIVE; a publisher that
+        vanished from a LIVE Stage sends it back to STANDBY.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchRoom(self, request, context):
         """A snapshot of the inventory first, then every change, in order.
         """
@@ -137,6 +150,11 @@ def add_StageManagerServicer_to_server(servicer, server):
                     servicer.ReportPublisherStatus,
                     request_deserializer=protos_dot_fanout_dot_v1_dot_stagemanager__pb2.ReportPublisherStatusRequest.FromString,
                     response_serializer=protos_dot_fanout_dot_v1_dot_stagemanager__pb2.ReportPublisherStatusResponse.SerializeToString,
+            ),
+            'ReportObservations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportObservations,
+                    request_deserializer=protos_dot_fanout_dot_v1_dot_stagemanager__pb2.ReportObservationsRequest.FromString,
+                    response_serializer=protos_dot_fanout_dot_v1_dot_stagemanager__pb2.ReportObservationsResponse.SerializeToString,
             ),
             'WatchRoom': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRoom,
@@ -279,6 +297,33 @@ class StageManager:
             '/fanout.v1.StageManager/ReportPublisherStatus',
             protos_dot_fanout_dot_v1_dot_stagemanager__pb2.ReportPublisherStatusRequest.SerializeToString,
             protos_dot_fanout_dot_v1_dot_stagemanager__pb2.ReportPublisherStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportObservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fanout.v1.StageManager/ReportObservations',
+            protos_dot_fanout_dot_v1_dot_stagemanager__pb2.ReportObservationsRequest.SerializeToString,
+            protos_dot_fanout_dot_v1_dot_stagemanager__pb2.ReportObservationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,10 @@ class StageManagerStub:
     """Drains and deletes every Stage of the room. Idempotent."""
     ReportPublisherStatus: _grpc.UnaryUnaryMultiCallable[_stagemanager_pb2.ReportPublisherStatusRequest, _stagemanager_pb2.ReportPublisherStatusResponse]
     """The broadcast page's fast path: it publishes (or stopped publishing) on one Stage."""
+    ReportObservations: _grpc.UnaryUnaryMultiCallable[_stagemanager_pb2.ReportObservationsRequest, _stagemanager_pb2.ReportObservationsResponse]
+    """The monitor's view of each Stage: a publishing participant confirms LIVE; a publisher that
+    vanished from a LIVE Stage sends it back to STANDBY.
+    """
     WatchRoom: _grpc.UnaryStreamMultiCallable[_stagemanager_pb2.WatchRoomRequest, _stagemanager_pb2.RoomEvent]
     """A snapshot of the inventory first, then every change, in order."""
 
@@ -57,6 +61,10 @@ class StageManagerAsyncStub(StageManagerStub):
     """Drains and deletes every Stage of the room. Idempotent."""
     ReportPublisherStatus: _aio.UnaryUnaryMultiCallable[_stagemanager_pb2.ReportPublisherStatusRequest, _stagemanager_pb2.ReportPublisherStatusResponse]  # type: ignore[assignment]
     """The broadcast page's fast path: it publishes (or stopped publishing) on one Stage."""
+    ReportObservations: _aio.UnaryUnaryMultiCallable[_stagemanager_pb2.ReportObservationsRequest, _stagemanager_pb2.ReportObservationsResponse]  # type: ignore[assignment]
+    """The monitor's view of each Stage: a publishing participant confirms LIVE; a publisher that
+    vanished from a LIVE Stage sends it back to STANDBY.
+    """
     WatchRoom: _aio.UnaryStreamMultiCallable[_stagemanager_pb2.WatchRoomRequest, _stagemanager_pb2.RoomEvent]  # type: ignore[assignment]
     """A snapshot of the inventory first, then every change, in order."""
 
@@ -100,6 +108,16 @@ class StageManagerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_stagemanager_pb2.ReportPublisherStatusResponse, _abc.Awaitable[_stagemanager_pb2.ReportPublisherStatusResponse]]:
         """The broadcast page's fast path: it publishes (or stopped publishing) on one Stage."""
+
+    @_abc_1.abstractmethod
+    def ReportObservations(
+        self,
+        request: _stagemanager_pb2.ReportObservationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_stagemanager_pb2.ReportObservationsResponse, _abc.Awaitable[_stagemanager_pb2.ReportObservationsResponse]]:
+        """The monitor's view of each Stage: a publishing participant confirms LIVE; a publisher that
+        vanished from a LIVE Stage sends it back to STANDBY.
+        """
 
     @_abc_1.abstractmethod
     def WatchRoom(
