@@ -27,8 +27,8 @@ class GatewayMetrics:
             registry=registry,
         )
         self.viewer_assignments = Counter(
-            "fanout_viewer_assignments_total",
-            "Viewer token requests by result: placed, sticky, refused, not_found, error.",
+            "fanout_gateway_viewer_requests_total",
+            "Viewer token requests answered by the gateway, by result.",
             ("result",),
             registry=registry,
         )

@@ -7,9 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-
 from services.allocator.inventory import KEEPS_VIEWERS, StageInventory, StageView
+from services.allocator.metrics import AllocatorMetrics
 from services.allocator.observations import ObservedViewers
 from services.allocator.placement import Candidate
 from services.allocator.store import LeaseStore
@@ -74,25 +73,6 @@ class StageViewersObservation:
     observed_at: float
 
 
-class AllocatorMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.assignments = Counter(
-            "fanout_viewer_assignments",
-            "Viewer token requests by result (placed, sticky, refused, not_found).",
-            ["result"],
-            registry=registry,
-        )
-        self.token_latency = Histogram(
-            "fanout_allocator_token_seconds",
-            "Time to place a viewer and mint its token inside the allocator.",
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
-            registry=registry,
-        )
-        self.reaped = Counter(
-            "fanout_leases_reaped", "Viewer leases that expired without a leave.", registry=registry
-        )
-
-
 def _endpoints(stage: StageView) -> StageEndpoints:
     return StageEndpoints(arn=stage.arn, events_url=stage.events_url, whip_url=stage.whip_url)
 
@@ -128,7 +108,7 @@ class Allocator:
         try:
             self._require_room(room)
         except NotFound:
-            self._metrics.assignments.labels("not_found").inc()
+            self._metrics.assignment(room, "not_found")
             raise
         stages = {stage.arn: stage for stage in self._inventory.stages(room)}
         now = self._clock()
@@ -149,7 +129,7 @@ class Allocator:
             now,
         )
         if assignment is None:
-            self._metrics.assignments.labels("refused").inc()
+            self._metrics.assignment(room, "refused")
             raise NoCapacity(
                 f"room {room} has no Stage that can take another viewer",
                 code="no_capacity",
@@ -164,8 +144,8 @@ class Allocator:
             attributes={"room": room, "role": "viewer"},
             ttl_seconds=settings.viewer_token_seconds,
         )
-        self._metrics.assignments.labels("sticky" if assignment.sticky else "placed").inc()
-        self._metrics.token_latency.observe(time.perf_counter() - started)
+        self._metrics.assignment(room, "sticky" if assignment.sticky else "placed")
+        self._metrics.assign_latency.observe(time.perf_counter() - started)
         return ViewerPlacement(room, user_id, token, settings.lease_seconds, assignment.sticky)
 
     async def renew_viewer(self, room: str, user_id: str) -> tuple[int, str]:
@@ -250,10 +230,18 @@ class Allocator:
 
     async def reap_expired(self) -> int:
         expired = await self._store.reap(self._clock())
+        for lease in expired:
+            self._metrics.reaped.labels(lease.room).inc()
         if expired:
-            self._metrics.reaped.inc(len(expired))
             log.info("reaped %d expired viewer lease(s)", len(expired))
         return len(expired)
+
+    async def refresh_metrics(self) -> None:
+        occupancy = await self.occupancy("")
+        self._metrics.publish_occupancy(
+            ((s.room, s.stage_arn, s.leased, s.observed, s.viewers) for s in occupancy.stages),
+            {r.room: r.viewers for r in occupancy.rooms},
+        )
 
     async def forget_stages(self, stages: list[StageView]) -> None:
         """Leases on a deleted Stage end with it."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -12,10 +11,11 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from protos.fanout.v1 import allocator_pb2, allocator_pb2_grpc, stagemanager_pb2_grpc
-from services.allocator.allocation import Allocator, AllocatorMetrics
+from services.allocator.allocation import Allocator
 from services.allocator.config import AllocatorSettings
 from services.allocator.inventory import StageInventory
 from services.allocator.ivs import IvsTokenApi
+from services.allocator.metrics import AllocatorMetrics
 from services.allocator.servicer import AllocatorServicer
 from services.allocator.signing_key import load_or_create_private_key, load_private_key
 from services.allocator.store import LeaseStore, MemoryLeaseStore
@@ -76,7 +76,8 @@ async def start_allocator(
     minter = await build_minter(settings, IvsTokenApi(caller))
     inventory = StageInventory()
     store = MemoryLeaseStore()
-    allocator = Allocator(inventory, store, minter, settings.placement, AllocatorMetrics(registry))
+    metrics = AllocatorMetrics(registry, settings.placement.soft_capacity, settings.placement.hard_limit)
+    allocator = Allocator(inventory, store, minter, settings.placement, metrics)
     watcher = InventoryWatcher(
         stagemanager_pb2_grpc.StageManagerStub(stagemanager_channel), inventory, allocator.forget_stages
     )
@@ -101,7 +102,11 @@ async def _serve_when_ready(watcher: InventoryWatcher, server: GrpcServer) -> No
 
 
 async def _reap_forever(allocator: Allocator) -> None:
+    """Ends expired leases and refreshes the occupancy gauges, once a second."""
     while True:
         await asyncio.sleep(REAP_INTERVAL_SECONDS)
-        with contextlib.suppress(Exception):
+        try:
             await allocator.reap_expired()
+            await allocator.refresh_metrics()
+        except Exception:
+            log.exception("lease reaping failed; retrying")
