@@ -19,6 +19,7 @@ from services.stagemanager.ivs import (
     StageApi,
     StageQuotaExceeded,
 )
+from services.stagemanager.metrics import StageManagerMetrics
 from services.stagemanager.model import EXISTING_STATES, RoomRecord, StageRecord, StageState
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,10 @@ class RoomManager:
         inventory: Inventory,
         stages: StageApi,
         settings: RoomSettings,
+        metrics: StageManagerMetrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._metrics = metrics
         self._inventory = inventory
         self._stages = stages
         self._settings = settings
@@ -166,12 +169,12 @@ class RoomManager:
             except StageQuotaExceeded as error:
                 # Retrying a quota error in a loop only burns the call budget: report it once.
                 log.error("room %s: CreateStage refused: %s", room.room, error.message)
-                self._fail(room, record, error.message)
+                self._fail(room, record, error.message, "quota")
                 return
             except Unavailable as error:
                 if attempt == self._settings.create_attempts:
                     log.error("room %s: CreateStage failed %d times: %s", room.room, attempt, error.message)
-                    self._fail(room, record, error.message)
+                    self._fail(room, record, error.message, "error")
                     return
                 await asyncio.sleep(0.5 * 2**attempt)
                 continue
@@ -183,6 +186,7 @@ class RoomManager:
                 state=StageState.STANDBY,
             )
             self._inventory.set_room_error(room.room, "")
+            self._metrics.provisioning.observe(max(0.0, self._clock() - record.created_at))
             log.info(
                 "room %s: Stage %d created (%s) in %.0f ms",
                 room.room,
@@ -192,7 +196,8 @@ class RoomManager:
             )
             return
 
-    def _fail(self, room: RoomRecord, record: StageRecord, message: str) -> None:
+    def _fail(self, room: RoomRecord, record: StageRecord, message: str, reason: str) -> None:
+        self._metrics.creation_failures.labels(room.room, reason).inc()
         self._inventory.update_stage(record, state=StageState.FAILED)
         self._inventory.set_room_error(room.room, message)
 

@@ -17,6 +17,7 @@ from services.common.ivs_calls import CallBudget, IvsCaller, IvsMetrics
 from services.stagemanager.config import StageManagerSettings
 from services.stagemanager.inventory import Inventory
 from services.stagemanager.ivs import StageApi
+from services.stagemanager.metrics import StageManagerMetrics, follow_inventory
 from services.stagemanager.rooms import RoomManager
 from services.stagemanager.servicer import StageManagerServicer
 
@@ -31,15 +32,16 @@ class StageManagerService:
     rooms: RoomManager
     inventory: Inventory
     caller: IvsCaller
-    recovery: asyncio.Task[None]
+    tasks: list[asyncio.Task[None]]
 
     @property
     def port(self) -> int:
         return self.grpc.port
 
     async def stop(self, grace: float) -> None:
-        self.recovery.cancel()
-        await asyncio.gather(self.recovery, return_exceptions=True)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.grpc.stop(grace)
         await self.rooms.close()
         self.caller.close()
@@ -51,7 +53,8 @@ async def start_stage_manager(
     """Starts serving at once (NOT_SERVING) and becomes SERVING when the inventory is recovered."""
     caller = IvsCaller(ivs_client, CallBudget(), IvsMetrics(registry))
     inventory = Inventory()
-    rooms = RoomManager(inventory, StageApi(caller), settings.rooms)
+    metrics = StageManagerMetrics(registry)
+    rooms = RoomManager(inventory, StageApi(caller), settings.rooms, metrics)
     servicer = StageManagerServicer(rooms, inventory)
 
     def register(server: grpc.aio.Server) -> None:
@@ -60,8 +63,11 @@ async def start_stage_manager(
     server = await start_grpc_server(
         settings.listen, register, [SERVICE_NAME], GrpcServerMetrics(registry), serving=False
     )
-    recovery = asyncio.create_task(_recover_until_done(rooms, server))
-    return StageManagerService(server, rooms, inventory, caller, recovery)
+    tasks = [
+        asyncio.create_task(_recover_until_done(rooms, server)),
+        asyncio.create_task(follow_inventory(inventory, metrics)),
+    ]
+    return StageManagerService(server, rooms, inventory, caller, tasks)
 
 
 async def _recover_until_done(rooms: RoomManager, server: GrpcServer) -> None:

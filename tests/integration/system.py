@@ -87,18 +87,23 @@ def ivs_client(ivs_url: str) -> Any:
     return make_ivs_client("us-east-1", ivs_url, local_credentials=True)
 
 
-async def start_stagemanager(env: Mapping[str, str]) -> StageManagerService:
+async def start_stagemanager(
+    env: Mapping[str, str], registry: CollectorRegistry | None = None
+) -> StageManagerService:
     settings = read_stagemanager_settings(env)
-    service = await start_stage_manager(settings, ivs_client(env["FANOUT_IVS_ENDPOINT"]), CollectorRegistry())
+    registry = registry or CollectorRegistry()
+    service = await start_stage_manager(settings, ivs_client(env["FANOUT_IVS_ENDPOINT"]), registry)
     await eventually(lambda: service.rooms.recovered, what="stage manager recovery")
     return service
 
 
-async def start_allocator_for(env: Mapping[str, str], stagemanager_port: int) -> AllocatorService:
+async def start_allocator_for(
+    env: Mapping[str, str], stagemanager_port: int, registry: CollectorRegistry | None = None
+) -> AllocatorService:
     settings = read_allocator_settings({**env, "FANOUT_STAGEMANAGER_ADDR": f"127.0.0.1:{stagemanager_port}"})
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{stagemanager_port}")
     service = await start_allocator(
-        settings, ivs_client(env["FANOUT_IVS_ENDPOINT"]), channel, CollectorRegistry()
+        settings, ivs_client(env["FANOUT_IVS_ENDPOINT"]), channel, registry or CollectorRegistry()
     )
     service.tasks.append(_close_on_cancel(channel))
     return service
@@ -121,8 +126,9 @@ async def running_system(
     """Emulator, stage manager, allocator and gateway on free loopback ports; env overrides per test."""
     async with running_ivslocal(ivs_settings) as ivs:
         env = service_env(ivs.url, state_dir, overrides)
-        stagemanager = await start_stagemanager(env)
-        allocator = await start_allocator_for(env, stagemanager.port)
+        registries = {name: CollectorRegistry() for name in ("stagemanager", "allocator", "gateway")}
+        stagemanager = await start_stagemanager(env, registries["stagemanager"])
+        allocator = await start_allocator_for(env, stagemanager.port, registries["allocator"])
         gateway_settings = GatewaySettings.from_env(
             {
                 **env,
@@ -131,7 +137,7 @@ async def running_system(
                 "FANOUT_STAGEMANAGER_ADDR": f"127.0.0.1:{stagemanager.port}",
             }
         )
-        runner = web.AppRunner(create_app(gateway_settings, registry=CollectorRegistry()))
+        runner = web.AppRunner(create_app(gateway_settings, registry=registries["gateway"]))
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -143,6 +149,7 @@ async def running_system(
             allocator_service=allocator,
             gateway_url=f"http://{host}:{port}",
             publisher_key=PUBLISHER_KEY,
+            registries=registries,
         )
         try:
             yield system
