@@ -12,6 +12,7 @@ from aiohttp import web
 from services.ivslocal import wire
 from services.ivslocal.config import Settings
 from services.ivslocal.errors import IvsApiError, ThrottlingError, UnknownOperationError, ValidationError
+from services.ivslocal.events import SOCKETS_KEY, StageSockets, events_handler
 from services.ivslocal.model import IvsState, stage_endpoints
 from services.ivslocal.ratelimit import CallStats, RateLimiter
 from services.ivslocal.wire import Body
@@ -253,6 +254,10 @@ async def error_middleware(
         return _error_response(IvsApiError("Internal server error"))
 
 
+async def _close_sockets(app: web.Application) -> None:
+    app[SOCKETS_KEY].close()
+
+
 def create_app(
     settings: Settings, state: IvsState | None = None, *, stats: CallStats | None = None
 ) -> web.Application:
@@ -262,8 +267,12 @@ def create_app(
     app[STATS_KEY] = stats if stats is not None else CallStats()
     if settings.rate_limits:
         app[LIMITER_KEY] = RateLimiter()
+    app[SOCKETS_KEY] = StageSockets(app[STATE_KEY])
+    app.on_shutdown.append(_close_sockets)
     app.router.add_get("/_emulator/stats", stats_handler)
     app.router.add_get("/_emulator/token-key", token_key_handler)
+    # The Stage endpoints' `events` URL: participants' sockets (services.ivslocal.events).
+    app.router.add_get("/events", events_handler)
     # .+ because the ARN arrives percent-encoded and may contain "/" once decoded.
     app.router.add_post("/tags/{resource_arn:.+}", tag_resource_handler)
     app.router.add_delete("/tags/{resource_arn:.+}", untag_resource_handler)

@@ -84,3 +84,8 @@ class StageDeletedError(JoinError):
 class ParticipantDisconnectedError(JoinError):
     name = "PARTICIPANT_DISCONNECTED"
     sdk_code = 10
+
+
+class JoinTimeoutError(JoinError):
+    name = "TIMEOUT"
+    sdk_code = 3

@@ -704,6 +704,10 @@ class IvsState:
             session.participants[participant.participant_id] = participant
         else:
             participant = existing
+            if participant.publishing:
+                # The new connection starts out unpublished, whatever the one it replaces was doing.
+                participant.publishing = False
+                self._notify(ParticipantChange("unpublished", participant))
             participant.user_id = verified.user_id
             participant.attributes = verified.attributes
             participant.capabilities = verified.capabilities
@@ -751,6 +755,14 @@ class IvsState:
         if participant.state == CONNECTED:
             self._leave(stage, session, participant, now, reason)
         return participant
+
+    def connected_participants(self, stage_arn: str) -> list[Participant]:
+        """The CONNECTED participants of the Stage's active session, in join order."""
+        self._settle()
+        session = self._stage(stage_arn).active_session
+        if session is None:
+            return []
+        return [p for p in session.participants.values() if p.state == CONNECTED]
 
     def _connected(self, stage_arn: str, participant_id: str) -> Participant:
         stage = self._stage(stage_arn)

@@ -14,7 +14,9 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
@@ -35,6 +37,17 @@ class RunningSystem:
     base_url: str
     publisher_key: str
     log_path: Path
+    ivslocal_url: str
+
+    def ivs(self) -> Any:
+        """A boto3 ivs-realtime client for the system's IVS emulator."""
+        return boto3.client(
+            "ivs-realtime",
+            endpoint_url=self.ivslocal_url,
+            region_name="us-east-1",
+            aws_access_key_id="local",
+            aws_secret_access_key="local",
+        )
 
     def api(
         self, method: str, path: str, body: object | None = None, key: str | None = None
@@ -57,13 +70,14 @@ def running_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running
     state_dir = tmp_path_factory.mktemp("state")
     log_path = state_dir / "system.log"
     gateway_port = free_port()
+    ivslocal_port = free_port()
     env = {
         **os.environ,
         "FANOUT_STATE_DIR": str(state_dir),
         "FANOUT_PUBLISHER_KEYS": PUBLISHER_KEY,
         "FANOUT_MIN_STAGES": "2",
         "FANOUT_GATEWAY_PORT": str(gateway_port),
-        "FANOUT_IVSLOCAL_PORT": str(free_port()),
+        "FANOUT_IVSLOCAL_PORT": str(ivslocal_port),
         "FANOUT_STAGEMANAGER_PORT": str(free_port()),
         "FANOUT_ALLOCATOR_PORT": str(free_port()),
         "FANOUT_STAGEMANAGER_METRICS_PORT": str(free_port()),
@@ -76,7 +90,9 @@ def running_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running
         process = subprocess.Popen(
             [sys.executable, "-m", "tools.run_local"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
         )
-    system = RunningSystem(f"http://127.0.0.1:{gateway_port}", PUBLISHER_KEY, log_path)
+    system = RunningSystem(
+        f"http://127.0.0.1:{gateway_port}", PUBLISHER_KEY, log_path, f"http://127.0.0.1:{ivslocal_port}"
+    )
     try:
         deadline = time.monotonic() + 60
         while not (_listening(gateway_port) and system.api("GET", "/readyz")[0] == 200):

@@ -172,9 +172,6 @@ function onProblem(stageArn, problem) {
 
 function liveStatusText() {
   const stages = fanout ? fanout.stages : [];
-  if (!sdk) {
-    return `Local mode: got publish tokens for ${stages.length} Stage(s). Nothing is published yet.`;
-  }
   const published = stages.filter((s) => s.publishState === 'published').length;
   return `Live: publishing to ${published} of ${stages.length} Stage(s) in room ${liveRoom}.`;
 }
@@ -191,7 +188,7 @@ async function goLive() {
   const room = currentRoom();
   if (!key) return fail('Enter the publisher key.');
   if (!room) return fail('Room names are 1–64 characters: lowercase letters, digits and "-", starting with a letter or digit.');
-  if (sdk && mediaTracks().length === 0) {
+  if (mediaTracks().length === 0) {
     return fail('Going live needs the camera and microphone. Allow access (or connect a device) and reload.');
   }
   storageSet(sessionStorage, KEY_STORAGE, key);
@@ -328,10 +325,9 @@ async function main() {
     fail(error.message);
     return;
   }
-  if (!sdk) {
+  if (config.mode !== 'aws') {
     els.modeNote.textContent =
-      'Local mode: Go live gets publish tokens and shows the Stages, but no media is sent yet. ' +
-      'Local media arrives with the local Stage.';
+      'Local mode: the Stages live in the IVS emulator and video goes straight from this browser to each viewer.';
     els.modeNote.hidden = false;
   }
 

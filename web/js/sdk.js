@@ -1,8 +1,8 @@
 // The one place that decides which Stage implementation the pages use (DESIGN.md §8).
 //  - aws:   the real amazon-ivs-web-broadcast bundle, vendored by `make setup` (never a CDN).
-//  - local: a stand-in with the same surface (Stage, LocalStageStream, SubscribeType, StageEvents, ...)
-//           that talks to the IVS emulator; until it exists, loadStageSdk() resolves to null and the
-//           pages show their state without joining.
+//  - local: local-stage.js, a stand-in with the same surface (Stage, LocalStageStream, SubscribeType,
+//           StageEvents, ...) that joins the IVS emulator's events socket and sends media browser to
+//           browser. The pages' own code is the same in both modes.
 
 const VENDOR_BUNDLE = '/static/vendor/amazon-ivs-web-broadcast.js';
 
@@ -29,13 +29,10 @@ function loadVendorBundle() {
   return bundlePromise;
 }
 
-/**
- * Resolves to the SDK namespace for `config.mode`, or null when this mode has no media yet.
- * Callers treat null as "show state, do not join".
- */
+/** Resolves to the SDK namespace for `config.mode`. */
 export async function loadStageSdk(config) {
   if (config.mode === 'aws') return loadVendorBundle();
-  return null;
+  return import('./local-stage.js');
 }
 
 // Names for StageErrorCode values, for when an implementation has no reverse enum mapping.

@@ -9,7 +9,7 @@ import { describeStageError } from './sdk.js';
 export class StageFanout {
   /**
    * @param {object} options
-   * @param {object|null} options.sdk  SDK namespace from loadStageSdk(); null = record tokens, join nothing
+   * @param {object} options.sdk  SDK namespace from loadStageSdk()
    * @param {() => MediaStreamTrack[]} options.getTracks  the live camera/microphone tracks to clone
    * @param {(stageArn: string, publishing: boolean) => void} options.onPublishing  local publish state flips
    * @param {(stageArn: string, problem: string|null) => void} options.onProblem  errors, lost connections
@@ -53,7 +53,7 @@ export class StageFanout {
     const entry = {
       stageArn: tokenInfo.stageArn,
       participantId: tokenInfo.participantId,
-      publishState: this.sdk ? 'joining' : 'no media (local mode)',
+      publishState: 'joining',
       connectionState: null,
       problem: null,
       stage: null,
@@ -61,7 +61,7 @@ export class StageFanout {
       published: false,
     };
     this.entries.set(entry.stageArn, entry);
-    if (this.sdk) this.join(entry, tokenInfo.token);
+    this.join(entry, tokenInfo.token);
     this.onChange();
   }
 

@@ -2,9 +2,9 @@
 // recovery with a new token and a new Stage when anything ends it. No DOM here; the page renders
 // the snapshot passed to onUpdate and puts `tracks` on its <video>.
 //
-// States: connecting · no-show (room not created yet) · full (503) · joining · waiting (joined, no
-// broadcast yet) · playing · local-no-media (local mode, token + lease only) · reconnecting ·
-// stopped · error (nothing to retry, e.g. an invalid room).
+// States: connecting · no-show (room not created yet) · full (503) · joining · waiting (joined, the
+// broadcaster is not publishing) · playing · reconnecting · stopped · error (nothing to retry, e.g. an
+// invalid room).
 
 import { getViewerToken, leaveOnUnload, sendHeartbeat } from './api.js';
 import { describeStageError, stageErrorName } from './sdk.js';
@@ -36,7 +36,7 @@ function isBroadcaster(info) {
 export class ViewerSession {
   /**
    * @param {object} options
-   * @param {object|null} options.sdk  SDK namespace from loadStageSdk(); null = token and lease only
+   * @param {object} options.sdk  SDK namespace from loadStageSdk()
    * @param {string} options.room
    * @param {string|null} options.userId  sticky id from an earlier visit, if any
    * @param {number} options.heartbeatSeconds
@@ -108,12 +108,6 @@ export class ViewerSession {
       participantId: answer.participantId,
     });
     this.startHeartbeat(generation);
-
-    if (!this.sdk) {
-      this.attempt = 0;
-      this.update({ state: 'local-no-media', message: 'Local mode: video not available yet.' });
-      return;
-    }
     this.join(generation, answer.token);
   }
 

@@ -37,7 +37,6 @@ const OVERLAY_TEXT = {
   full: 'The show is full — retrying',
   joining: 'Joining…',
   waiting: 'Waiting for the broadcaster…',
-  'local-no-media': 'Local mode: video not available yet',
   reconnecting: 'Reconnecting…',
   stopped: 'Stopped',
   error: 'Cannot play',
