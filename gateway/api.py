@@ -5,23 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import UTC
 from typing import Any
 
 import grpc
 from aiohttp import web
-from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import validation
 from gateway.appkeys import CLIENTS, METRICS, PUBLISHER_AUTH, SETTINGS
 from gateway.errors import UpstreamError, calling
-from protos.fanout.v1 import allocator_pb2, common_pb2, stagemanager_pb2
+from gateway.shapes import participant_token_json, state_name
+from protos.fanout.v1 import allocator_pb2, stagemanager_pb2
 
 log = logging.getLogger(__name__)
 
-_STATE_PREFIX = "STAGE_STATE_"
 _REFUSALS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: "refused",
     grpc.StatusCode.NOT_FOUND: "not_found",
@@ -46,7 +44,7 @@ async def publisher_tokens(request: web.Request) -> web.Response:
             timeout=settings.rpc_timeout_seconds,
         )
     tokens = [
-        {**_participant_token_json(issued_token.token), "state": _state_name(issued_token.state)}
+        {**participant_token_json(issued_token.token), "state": state_name(issued_token.state)}
         for issued_token in issued.tokens
     ]
     return web.json_response({"room": issued.room or parsed.room, "tokens": tokens})
@@ -71,7 +69,7 @@ async def viewer_token(request: web.Request) -> web.Response:
         {
             "room": assigned.room or parsed.room,
             "userId": assigned.user_id or parsed.user_id,
-            **_participant_token_json(assigned.token),
+            **participant_token_json(assigned.token),
             "leaseSeconds": assigned.lease_seconds,
         }
     )
@@ -158,7 +156,7 @@ async def get_room(request: web.Request) -> web.Response:
         stages.append(
             {
                 "stageArn": stage.arn or None,
-                "state": _state_name(stage.state),
+                "state": state_name(stage.state),
                 "viewers": entry.viewers if entry else 0,
                 "capacity": entry.capacity if entry else 0,
             }
@@ -241,25 +239,3 @@ async def _json_body(request: web.Request, *, allow_text_plain: bool = False) ->
     return validation.parse_json_object(
         body, request.headers.get("Content-Type"), allow_text_plain=allow_text_plain
     )
-
-
-def _participant_token_json(token: common_pb2.ParticipantToken) -> dict[str, Any]:
-    return {
-        "stageArn": token.stage_arn,
-        "token": token.token,
-        "participantId": token.participant_id,
-        "expirationTime": _iso_utc(token.expiration_time) if token.HasField("expiration_time") else None,
-    }
-
-
-def _iso_utc(timestamp: Timestamp) -> str:
-    return timestamp.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _state_name(state: int) -> str:
-    try:
-        name = common_pb2.StageState.Name(state)  # type: ignore[arg-type]
-    except ValueError:
-        # A state added to the proto after this gateway was built.
-        return "UNKNOWN"
-    return name.removeprefix(_STATE_PREFIX)

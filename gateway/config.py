@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.env import ConfigError, Env
+from services.common.ivs_settings import read_mode
 
 # Same rule as a host:port the grpc library accepts for our purposes; DNS names, IPv4 and [IPv6].
 _ADDRESS_PATTERN = r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}"
@@ -38,6 +39,8 @@ class GatewaySettings:
     rpc_timeout_seconds: float = 5.0
     room_rpc_timeout_seconds: float = 30.0
     readiness_timeout_seconds: float = 1.0
+    # Comment lines on an idle event stream, so proxies and browsers keep it open.
+    sse_keepalive_seconds: float = 15.0
 
     @property
     def heartbeat_seconds(self) -> int:
@@ -48,8 +51,7 @@ class GatewaySettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewaySettings:
         source = os.environ if environ is None else environ
         env = Env(source)
-        default_mode = "aws" if env.raw("AWS_REGION") or env.raw("AWS_DEFAULT_REGION") else "local"
-        mode = env.choice("FANOUT_MODE", default_mode, ("local", "aws"))
+        mode = read_mode(source)
         keys = tuple(env.list("FANOUT_PUBLISHER_KEYS"))
         if mode == "aws" and not keys:
             # Local mode generates a key; in AWS a missing key would lock the broadcaster out silently.
@@ -73,10 +75,11 @@ class GatewaySettings:
             mode=mode,
             state_dir=Path(env.str("FANOUT_STATE_DIR", ".fanout")),
             default_room=env.str("FANOUT_DEFAULT_ROOM", "main", pattern=_ROOM_PATTERN),
-            viewer_lease_seconds=env.int("FANOUT_VIEWER_LEASE_SECONDS", 60, minimum=5, maximum=86400),
+            viewer_lease_seconds=env.int("FANOUT_VIEWER_LEASE_SECONDS", 60, minimum=5, maximum=3600),
             max_body_bytes=env.int("FANOUT_MAX_BODY_BYTES", 16384, minimum=256, maximum=1 << 20),
             rate_limit_per_second=rate,
             rate_limit_burst=env.int("FANOUT_RATE_LIMIT_BURST", max(1, int(rate * 2)), minimum=1),
             log_json=env.bool("FANOUT_LOG_JSON", mode == "aws"),
             web_dir=Path(web_dir_raw) if web_dir_raw is not None else _REPO_WEB_DIR,
+            sse_keepalive_seconds=env.float("FANOUT_SSE_KEEPALIVE_SECONDS", 15.0, minimum=1.0, maximum=300.0),
         )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway import api
+from gateway import api, events
 from gateway.pages import add_pages
 
 
@@ -19,6 +19,7 @@ def setup_routes(app: web.Application, web_dir: Path) -> None:
     router.add_get("/api/rooms/{room}", api.get_room)
     router.add_delete("/api/rooms/{room}", api.end_room)
     router.add_post("/api/rooms/{room}/publisher/status", api.publisher_status)
+    router.add_get("/api/rooms/{room}/publisher/events", events.publisher_events)
     router.add_get("/api/config", api.page_config)
     router.add_get("/healthz", api.healthz)
     router.add_get("/readyz", api.readyz)

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from services.common.env import ConfigError
@@ -31,7 +32,8 @@ async def main() -> None:
     )
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="0.0.0.0", registry=registry)
-    service = await start_stage_manager(settings, ivs_client, registry)
+    allocator_channel = grpc.aio.insecure_channel(settings.allocator_addr)
+    service = await start_stage_manager(settings, ivs_client, allocator_channel, registry)
     log.info(
         "stage manager serving on port %d (cluster %s, %s mode)",
         service.port,
@@ -41,6 +43,7 @@ async def main() -> None:
     await wait_for_stop_signal()
     log.info("stopping")
     await service.stop(settings.shutdown_grace_seconds)
+    await allocator_channel.close()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.common.env import Env
+from services.common.env import ConfigError, Env
 from services.common.ivs_settings import IvsSettings, read_ivs_settings
+from services.stagemanager.autoscaler import AutoscalerSettings
 from services.stagemanager.rooms import RoomSettings
 
 CLUSTER_ID_PATTERN = r"[a-z0-9][a-z0-9-]{0,31}"
@@ -18,6 +19,8 @@ class StageManagerSettings:
     metrics_port: int
     ivs: IvsSettings
     rooms: RoomSettings
+    autoscaler: AutoscalerSettings
+    allocator_addr: str
     log_json: bool
     shutdown_grace_seconds: float
 
@@ -25,15 +28,43 @@ class StageManagerSettings:
 def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
     env = Env(environ)
     ivs = read_ivs_settings(environ)
+    min_stages = env.int("FANOUT_MIN_STAGES", 1, minimum=1, maximum=100)
+    max_stages = env.int("FANOUT_MAX_STAGES_PER_ROOM", 200, minimum=1, maximum=1000)
+    if max_stages < min_stages:
+        raise ConfigError(f"FANOUT_MAX_STAGES_PER_ROOM={max_stages} is below FANOUT_MIN_STAGES={min_stages}")
+    autoscaler = AutoscalerSettings(
+        soft_capacity=env.int("FANOUT_STAGE_CAPACITY", 50, minimum=1, maximum=10_000),
+        min_stages=min_stages,
+        max_stages_per_room=max_stages,
+        min_free_slots=env.int("FANOUT_MIN_FREE_SLOTS", 25, minimum=0, maximum=1_000_000),
+        safety_factor=env.float("FANOUT_SCALE_SAFETY_FACTOR", 1.5, minimum=1.0, maximum=10.0),
+        join_rate_window_seconds=env.float(
+            "FANOUT_JOIN_RATE_WINDOW_SECONDS", 10.0, minimum=1.0, maximum=600.0
+        ),
+        default_lead_time_seconds=env.float(
+            "FANOUT_PROVISIONING_LEAD_SECONDS", 3.0, minimum=0.1, maximum=600.0
+        ),
+        scale_in_cooldown_seconds=env.float(
+            "FANOUT_SCALE_IN_COOLDOWN_SECONDS", 60.0, minimum=0.0, maximum=86_400.0
+        ),
+        room_idle_seconds=env.float("FANOUT_ROOM_IDLE_SECONDS", 1800.0, minimum=10.0, maximum=7 * 86_400.0),
+        quota_retry_seconds=env.float("FANOUT_QUOTA_RETRY_SECONDS", 60.0, minimum=1.0, maximum=3600.0),
+        tick_seconds=env.float("FANOUT_AUTOSCALER_TICK_SECONDS", 1.0, minimum=0.05, maximum=60.0),
+    )
     return StageManagerSettings(
         listen=env.str("FANOUT_STAGEMANAGER_LISTEN", "127.0.0.1:50061", pattern=r"[^\s]+:\d{1,5}"),
         metrics_port=env.int("FANOUT_STAGEMANAGER_METRICS_PORT", 9461, minimum=0, maximum=65535),
         ivs=ivs,
         rooms=RoomSettings(
             cluster_id=env.str("FANOUT_CLUSTER_ID", "local", pattern=CLUSTER_ID_PATTERN),
-            min_stages=env.int("FANOUT_MIN_STAGES", 1, minimum=1, maximum=100),
-            max_stages_per_room=env.int("FANOUT_MAX_STAGES_PER_ROOM", 200, minimum=1, maximum=1000),
+            min_stages=min_stages,
+            max_stages_per_room=max_stages,
+            publisher_grace_seconds=env.float(
+                "FANOUT_PUBLISHER_GRACE_SECONDS", 10.0, minimum=0.0, maximum=600.0
+            ),
         ),
+        autoscaler=autoscaler,
+        allocator_addr=env.str("FANOUT_ALLOCATOR_ADDR", "127.0.0.1:50062", pattern=r"[^\s]+:\d{1,5}"),
         log_json=env.bool("FANOUT_LOG_JSON", ivs.mode == "aws"),
         shutdown_grace_seconds=env.float("FANOUT_SHUTDOWN_GRACE_SECONDS", 5.0, minimum=0, maximum=60),
     )

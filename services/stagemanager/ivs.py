@@ -17,6 +17,7 @@ TAG_CLUSTER = "fanout:cluster"
 TAG_ROOM = "fanout:room"
 TAG_INDEX = "fanout:index"
 TAG_ROLE = "fanout:role"
+TAG_DRAINING = "fanout:draining"
 
 
 class StageQuotaExceeded(NoCapacity):
@@ -71,6 +72,21 @@ class StageApi:
                 raise _translate("DeleteStage", error) from error
         except BotoCoreError as error:
             raise _translate("DeleteStage", error) from error
+
+    async def tag_draining(self, arn: str) -> None:
+        await self._tag_call("TagResource", resourceArn=arn, tags={TAG_DRAINING: "true"})
+
+    async def untag_draining(self, arn: str) -> None:
+        await self._tag_call("UntagResource", resourceArn=arn, tagKeys=[TAG_DRAINING])
+
+    async def _tag_call(self, operation: str, **params: object) -> None:
+        # The tag only helps recovery after a restart; failing it must not fail the drain.
+        try:
+            await self._caller.call(operation, **params)
+        except (ClientError, BotoCoreError) as error:
+            log.warning(
+                "%s on %s failed: %s", operation, params.get("resourceArn"), _translate(operation, error)
+            )
 
     async def list_cluster_stages(self, cluster_id: str) -> list[IvsStage]:
         """Every Stage tagged with this cluster id (ListStages summaries carry tags)."""

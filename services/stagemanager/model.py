@@ -18,6 +18,8 @@ class StageState(Enum):
 
 # States in which the Stage exists in IVS and may hold viewers.
 EXISTING_STATES = frozenset({StageState.STANDBY, StageState.LIVE, StageState.DRAINING})
+# The pool that takes new viewers now or soon: what free capacity is counted over.
+ACTIVE_STATES = frozenset({StageState.PROVISIONING, StageState.STANDBY, StageState.LIVE})
 
 
 @dataclass
@@ -33,6 +35,11 @@ class StageRecord:
     publishing: bool = False
     # When `publishing` last changed: an observation older than that must not undo it.
     publishing_since: float = 0.0
+    # When the Stage first existed in IVS, and first went LIVE: the autoscaler's lead-time samples.
+    ready_at: float = 0.0
+    live_at: float = 0.0
+    # Why a FAILED Stage failed: "quota" or "error".
+    failure: str = ""
 
     def copy(self) -> StageRecord:
         return dataclasses.replace(self)
@@ -44,6 +51,8 @@ class RoomRecord:
     created_at: float
     stages: dict[int, StageRecord] = field(default_factory=dict)
     last_error: str = ""
+    # The last sign of a broadcaster (publisher tokens asked for, publishing): idle rooms end.
+    active_at: float = 0.0
 
     @property
     def publishing(self) -> bool:
@@ -57,4 +66,4 @@ class RoomRecord:
 
     def copy(self, with_stages: bool = True) -> RoomRecord:
         stages = {index: stage.copy() for index, stage in self.stages.items()} if with_stages else {}
-        return RoomRecord(self.room, self.created_at, stages, self.last_error)
+        return RoomRecord(self.room, self.created_at, stages, self.last_error, self.active_at)

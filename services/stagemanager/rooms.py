@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from services.common.errors import FanoutError, NoCapacity, NotFound, Unavailable
 from services.common.ids import check_room_id, check_stage_arn
 from services.stagemanager.inventory import Inventory
 from services.stagemanager.ivs import (
     TAG_CLUSTER,
+    TAG_DRAINING,
     TAG_INDEX,
     TAG_ROLE,
     TAG_ROOM,
@@ -103,14 +105,16 @@ class RoomManager:
                     room=room_id,
                     index=index,
                     # Publishing is not known until the page or the monitor says so.
-                    state=StageState.STANDBY,
+                    state=StageState.DRAINING if summary.tags.get(TAG_DRAINING) else StageState.STANDBY,
                     created_at=now,
                     role=summary.tags.get(TAG_ROLE, "origin"),
                     arn=described.arn,
                     events_url=described.events_url,
                     whip_url=described.whip_url,
+                    ready_at=now,
                 )
             )
+            room.active_at = now
             adopted += 1
         self._recovered.set()
         log.info("recovered %d Stage(s) in %d room(s)", adopted, len(self._inventory.rooms()))
@@ -127,6 +131,7 @@ class RoomManager:
                 room = RoomRecord(room=room_id, created_at=self._clock())
                 self._inventory.add_room(room)
                 log.info("room %s created", room_id)
+            room.active_at = self._clock()
             for stage in [s for s in room.stages.values() if s.state is StageState.FAILED]:
                 self._inventory.remove_stage(stage)
             usable = [s for s in room.stages.values() if s.state in EXISTING_STATES]
@@ -135,14 +140,15 @@ class RoomManager:
                 self._settings.max_stages_per_room - len(room.stages),
             )
             if missing > 0:
-                await self._create_stages(room, missing)
+                await asyncio.gather(*self.create_stages(room, missing))
             if not any(s.state in EXISTING_STATES for s in room.stages.values()):
                 error = room.last_error or "no Stage could be created"
                 raise NoCapacity(f"room {room_id} has no Stage: {error}", code="no_stage", retry_after=30)
             return room.copy(), created, self._inventory.revision
 
-    async def _create_stages(self, room: RoomRecord, count: int) -> None:
-        records = []
+    def create_stages(self, room: RoomRecord, count: int) -> list[asyncio.Task[None]]:
+        """Adds `count` PROVISIONING Stages at once and provisions them in the background."""
+        tasks = []
         for _ in range(count):
             record = StageRecord(
                 room=room.room,
@@ -151,8 +157,14 @@ class RoomManager:
                 created_at=self._clock(),
             )
             self._inventory.add_stage(record)
-            records.append(record)
-        await asyncio.gather(*(self._provision(room, record) for record in records))
+            tasks.append(self._spawn(self._provision(room, record)))
+        return tasks
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _provision(self, room: RoomRecord, record: StageRecord) -> None:
         tags = {
@@ -168,13 +180,11 @@ class RoomManager:
                 created = await self._stages.create_stage(name, tags)
             except StageQuotaExceeded as error:
                 # Retrying a quota error in a loop only burns the call budget: report it once.
-                log.error("room %s: CreateStage refused: %s", room.room, error.message)
                 self._fail(room, record, error.message, "quota")
                 return
             except Unavailable as error:
                 if attempt == self._settings.create_attempts:
-                    log.error("room %s: CreateStage failed %d times: %s", room.room, attempt, error.message)
-                    self._fail(room, record, error.message, "error")
+                    self._fail(room, record, f"CreateStage failed {attempt} times: {error.message}", "error")
                     return
                 await asyncio.sleep(0.5 * 2**attempt)
                 continue
@@ -184,6 +194,7 @@ class RoomManager:
                 events_url=created.events_url,
                 whip_url=created.whip_url,
                 state=StageState.STANDBY,
+                ready_at=self._clock(),
             )
             self._inventory.set_room_error(room.room, "")
             self._metrics.provisioning.observe(max(0.0, self._clock() - record.created_at))
@@ -198,7 +209,10 @@ class RoomManager:
 
     def _fail(self, room: RoomRecord, record: StageRecord, message: str, reason: str) -> None:
         self._metrics.creation_failures.labels(room.room, reason).inc()
-        self._inventory.update_stage(record, state=StageState.FAILED)
+        # Reported once per distinct error, not once per refused Stage.
+        if room.last_error != message:
+            log.error("room %s: cannot create a Stage: %s", room.room, message)
+        self._inventory.update_stage(record, state=StageState.FAILED, failure=reason)
         self._inventory.set_room_error(room.room, message)
 
     def get_room(self, room_id: str) -> tuple[RoomRecord, int]:
@@ -231,8 +245,13 @@ class RoomManager:
             state = StageState.LIVE
         elif not publishing and state is StageState.LIVE:
             state = StageState.STANDBY
+        if publishing:
+            room.active_at = max(room.active_at, at)
         if state is not stage.state or publishing != stage.publishing:
-            self._inventory.update_stage(stage, state=state, publishing=publishing, publishing_since=at)
+            live_at = stage.live_at or (at if state is StageState.LIVE else 0.0)
+            self._inventory.update_stage(
+                stage, state=state, publishing=publishing, publishing_since=at, live_at=live_at
+            )
             log.info("room %s: Stage %d %s (publishing=%s)", room.room, stage.index, state.value, publishing)
         if room.publishing != was_publishing:
             self._inventory.room_publishing_changed(room.room)
@@ -272,9 +291,33 @@ class RoomManager:
             if stage.state is not StageState.DELETING:
                 self._inventory.update_stage(stage, state=StageState.DELETING, publishing=False)
         log.info("room %s ending: deleting %d Stage(s)", room_id, len(room.stages))
-        task = asyncio.create_task(self._delete_room(room_id))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self._delete_room(room_id))
+
+    def reactivate(self, stage: StageRecord) -> None:
+        """A DRAINING Stage takes viewers again: cheaper than creating one when demand returns."""
+        if stage.state is StageState.DRAINING:
+            state = StageState.LIVE if stage.publishing else StageState.STANDBY
+            self._inventory.update_stage(stage, state=state)
+            if stage.arn:
+                self._spawn(self._stages.untag_draining(stage.arn))
+
+    def drain(self, stage: StageRecord) -> None:
+        """No new viewers; the Stage is deleted once its viewers are gone (see retire)."""
+        if stage.state in (StageState.STANDBY, StageState.LIVE):
+            self._inventory.update_stage(stage, state=StageState.DRAINING)
+            # Tagged so that a restarted stage manager keeps draining it instead of filling it again.
+            if stage.arn:
+                self._spawn(self._stages.tag_draining(stage.arn))
+
+    def retire(self, stage: StageRecord) -> None:
+        """Deletes a drained, empty Stage."""
+        if stage.state is StageState.DRAINING:
+            self._inventory.update_stage(stage, state=StageState.DELETING)
+            self._spawn(self._delete_stage(stage))
+
+    def forget_failed(self, stage: StageRecord) -> None:
+        if stage.state is StageState.FAILED:
+            self._inventory.remove_stage(stage)
 
     async def _delete_room(self, room_id: str) -> None:
         async with self._lock(room_id):

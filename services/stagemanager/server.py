@@ -10,14 +10,16 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
-from protos.fanout.v1 import stagemanager_pb2, stagemanager_pb2_grpc
+from protos.fanout.v1 import allocator_pb2_grpc, stagemanager_pb2, stagemanager_pb2_grpc
 from services.common.errors import FanoutError
 from services.common.grpc_server import GrpcServer, GrpcServerMetrics, start_grpc_server
 from services.common.ivs_calls import CallBudget, IvsCaller, IvsMetrics
+from services.stagemanager.autoscaler import Autoscaler
 from services.stagemanager.config import StageManagerSettings
 from services.stagemanager.inventory import Inventory
 from services.stagemanager.ivs import StageApi
 from services.stagemanager.metrics import StageManagerMetrics, follow_inventory
+from services.stagemanager.occupancy import AllocatorOccupancy
 from services.stagemanager.rooms import RoomManager
 from services.stagemanager.servicer import StageManagerServicer
 
@@ -48,7 +50,10 @@ class StageManagerService:
 
 
 async def start_stage_manager(
-    settings: StageManagerSettings, ivs_client: Any, registry: CollectorRegistry
+    settings: StageManagerSettings,
+    ivs_client: Any,
+    allocator_channel: grpc.aio.Channel,
+    registry: CollectorRegistry,
 ) -> StageManagerService:
     """Starts serving at once (NOT_SERVING) and becomes SERVING when the inventory is recovered."""
     caller = IvsCaller(ivs_client, CallBudget(), IvsMetrics(registry))
@@ -56,6 +61,8 @@ async def start_stage_manager(
     metrics = StageManagerMetrics(registry)
     rooms = RoomManager(inventory, StageApi(caller), settings.rooms, metrics)
     servicer = StageManagerServicer(rooms, inventory)
+    occupancy = AllocatorOccupancy(allocator_pb2_grpc.AllocatorStub(allocator_channel))
+    autoscaler = Autoscaler(rooms, inventory, occupancy, settings.autoscaler, metrics)
 
     def register(server: grpc.aio.Server) -> None:
         stagemanager_pb2_grpc.add_StageManagerServicer_to_server(servicer, server)
@@ -66,6 +73,7 @@ async def start_stage_manager(
     tasks = [
         asyncio.create_task(_recover_until_done(rooms, server)),
         asyncio.create_task(follow_inventory(inventory, metrics)),
+        asyncio.create_task(autoscaler.run()),
     ]
     return StageManagerService(server, rooms, inventory, caller, tasks)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,13 +66,22 @@ class System:
         return {"Authorization": f"Bearer {self.publisher_key}"}
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def service_env(ivs_url: str, state_dir: Path, overrides: Mapping[str, str]) -> dict[str, str]:
+    # The stage manager and allocator call each other, so one address is fixed before either starts.
+    allocator_addr = f"127.0.0.1:{free_port()}"
     env = {
         "FANOUT_MODE": "local",
         "FANOUT_IVS_ENDPOINT": ivs_url,
         "FANOUT_STATE_DIR": str(state_dir),
         "FANOUT_STAGEMANAGER_LISTEN": "127.0.0.1:0",
-        "FANOUT_ALLOCATOR_LISTEN": "127.0.0.1:0",
+        "FANOUT_ALLOCATOR_LISTEN": allocator_addr,
+        "FANOUT_ALLOCATOR_ADDR": allocator_addr,
         "FANOUT_STAGEMANAGER_METRICS_PORT": "0",
         "FANOUT_ALLOCATOR_METRICS_PORT": "0",
         "FANOUT_CLUSTER_ID": "test",
@@ -91,8 +101,11 @@ async def start_stagemanager(
     env: Mapping[str, str], registry: CollectorRegistry | None = None
 ) -> StageManagerService:
     settings = read_stagemanager_settings(env)
-    registry = registry or CollectorRegistry()
-    service = await start_stage_manager(settings, ivs_client(env["FANOUT_IVS_ENDPOINT"]), registry)
+    channel = grpc.aio.insecure_channel(settings.allocator_addr)
+    service = await start_stage_manager(
+        settings, ivs_client(env["FANOUT_IVS_ENDPOINT"]), channel, registry or CollectorRegistry()
+    )
+    service.tasks.append(_close_on_cancel(channel))
     await eventually(lambda: service.rooms.recovered, what="stage manager recovery")
     return service
 

@@ -86,9 +86,14 @@ async def test_a_missing_user_id_is_generated(system: System) -> None:
 
 
 async def test_500_concurrent_viewers_are_balanced_within_capacity(tmp_path: Path) -> None:
-    # 3 Stages x soft 100 = 300 < 450 distinct viewers: the rest must overflow evenly, up to hard 200.
+    # A fixed pool of 3 Stages x soft 100 = 300 < 450 distinct viewers: the rest must overflow
+    # evenly, up to hard 200.
     async with running_system(
-        tmp_path, FANOUT_MIN_STAGES="3", FANOUT_STAGE_CAPACITY="100", FANOUT_STAGE_HARD_LIMIT="200"
+        tmp_path,
+        FANOUT_MIN_STAGES="3",
+        FANOUT_MAX_STAGES_PER_ROOM="3",
+        FANOUT_STAGE_CAPACITY="100",
+        FANOUT_STAGE_HARD_LIMIT="200",
     ) as system:
         connector = aiohttp.TCPConnector(limit=100)
         async with aiohttp.ClientSession(connector=connector) as http:
@@ -119,7 +124,11 @@ async def test_500_concurrent_viewers_are_balanced_within_capacity(tmp_path: Pat
 async def test_viewers_are_refused_with_retry_after_only_at_the_hard_limit(tmp_path: Path) -> None:
     async with (
         running_system(
-            tmp_path, FANOUT_MIN_STAGES="2", FANOUT_STAGE_CAPACITY="2", FANOUT_STAGE_HARD_LIMIT="3"
+            tmp_path,
+            FANOUT_MIN_STAGES="2",
+            FANOUT_MAX_STAGES_PER_ROOM="2",
+            FANOUT_STAGE_CAPACITY="2",
+            FANOUT_STAGE_HARD_LIMIT="3",
         ) as system,
         aiohttp.ClientSession() as http,
     ):
