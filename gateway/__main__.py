@@ -45,7 +45,11 @@ async def main() -> None:
             settings.state_dir / LOCAL_KEY_FILE,
         )
     runner = web.AppRunner(
-        create_app(settings), handle_signals=False, shutdown_timeout=_SHUTDOWN_GRACE_SECONDS
+        # A broadcaster that goes away cancels its event stream at once, not at the next keep-alive.
+        create_app(settings),
+        handle_signals=False,
+        handler_cancellation=True,
+        shutdown_timeout=_SHUTDOWN_GRACE_SECONDS,
     )
     await runner.setup()
     try:

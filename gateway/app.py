@@ -14,6 +14,7 @@ from gateway.appkeys import CLIENTS, METRICS, PUBLISHER_AUTH, SETTINGS
 from gateway.auth import PublisherAuth
 from gateway.clients import GatewayClients
 from gateway.config import GatewaySettings
+from gateway.events import track_streams
 from gateway.metrics import GatewayMetrics
 from gateway.middlewares import (
     RateLimiter,
@@ -55,6 +56,7 @@ def create_app(
     else:
         app.cleanup_ctx.append(_grpc_clients)
     setup_routes(app, settings.web_dir)
+    track_streams(app)
     return app
 
 

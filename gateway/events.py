@@ -32,6 +32,18 @@ _PUBLISHED_STATES = frozenset(
     {common_pb2.STAGE_STATE_STANDBY, common_pb2.STAGE_STATE_LIVE, common_pb2.STAGE_STATE_DRAINING}
 )
 _END = object()
+ACTIVE_STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("publisher_streams")
+
+
+def track_streams(app: web.Application) -> None:
+    """Open event streams never end by themselves: shutdown cancels them so the server can stop."""
+    app[ACTIVE_STREAMS] = set()
+
+    async def cancel_streams(app: web.Application) -> None:
+        for task in list(app[ACTIVE_STREAMS]):
+            task.cancel()
+
+    app.on_shutdown.append(cancel_streams)
 
 
 def _event(name: str, data: dict[str, Any]) -> bytes:
@@ -104,6 +116,10 @@ async def publisher_events(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
+    current = asyncio.current_task()
+    streams = request.app[ACTIVE_STREAMS]
+    if current is not None:
+        streams.add(current)
     stream = PublisherStream(clients, room, user_id, settings.rpc_timeout_seconds)
     call = clients.stagemanager.WatchRoom(stagemanager_pb2.WatchRoomRequest(room=room))
     queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -132,6 +148,8 @@ async def publisher_events(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(ConnectionResetError):
             await response.write(_event("unavailable", {"message": "a dependency is unavailable; reconnect"}))
     finally:
+        if current is not None:
+            streams.discard(current)
         call.cancel()
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)

@@ -21,6 +21,7 @@ from services.allocator.signing_key import load_or_create_private_key, load_priv
 from services.allocator.store import LeaseStore, MemoryLeaseStore
 from services.allocator.tokens import ApiMinter, SelfSignedMinter, TokenMinter
 from services.allocator.watcher import InventoryWatcher
+from services.common.errors import Unavailable
 from services.common.grpc_server import GrpcServer, GrpcServerMetrics, start_grpc_server
 from services.common.ivs_calls import CallBudget, IvsCaller, IvsMetrics
 from services.common.jwt_es384 import public_key_pem
@@ -53,6 +54,7 @@ class AllocatorService:
 
 
 async def build_minter(settings: AllocatorSettings, token_api: IvsTokenApi) -> TokenMinter:
+    """The token minter; with a signing key, waits (retrying) until IVS knows its public half."""
     if not settings.self_signed or settings.signing_key_file is None:
         log.info("minting tokens with CreateParticipantToken (no signing key configured)")
         return ApiMinter(token_api.create_participant_token)
@@ -60,7 +62,16 @@ async def build_minter(settings: AllocatorSettings, token_api: IvsTokenApi) -> T
         key = load_or_create_private_key(settings.signing_key_file)
     else:
         key = load_private_key(settings.signing_key_file)
-    kid = await token_api.ensure_public_key(public_key_pem(key), name="fanout-token-signing")
+    delay = 1.0
+    while True:
+        try:
+            kid = await token_api.ensure_public_key(public_key_pem(key), name="fanout-token-signing")
+            break
+        except Unavailable as error:
+            # Without the key in IVS no token would be accepted: keep trying rather than serve.
+            log.warning("%s; retrying in %.0f s", error.message, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
     log.info("minting self-signed ES384 tokens (kid %s)", kid)
     return SelfSignedMinter(key, kid)
 

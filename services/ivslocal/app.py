@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from services.common.ivs_quotas import OPERATION_RATES
 from services.ivslocal import wire
 from services.ivslocal.config import Settings
 from services.ivslocal.errors import IvsApiError, ThrottlingError, UnknownOperationError, ValidationError
@@ -266,7 +267,9 @@ def create_app(
     app[STATE_KEY] = state if state is not None else IvsState(settings)
     app[STATS_KEY] = stats if stats is not None else CallStats()
     if settings.rate_limits:
-        app[LIMITER_KEY] = RateLimiter()
+        app[LIMITER_KEY] = RateLimiter(
+            {operation: rate * settings.rate_scale for operation, rate in OPERATION_RATES.items()}
+        )
     app[SOCKETS_KEY] = StageSockets(app[STATE_KEY])
     app.on_shutdown.append(_close_sockets)
     app.router.add_get("/_emulator/stats", stats_handler)

@@ -27,6 +27,9 @@ class Settings:
     publisher_quota: int = PUBLISHERS_PER_STAGE
     public_key_quota: int = PUBLIC_KEY_QUOTA
     rate_limits: bool = False
+    # Multiplies every operation's call rate: below 1 acts like an account whose budget other
+    # tools already use, so callers meet real throttling.
+    rate_scale: float = 1.0
     # IVS ends a session a few minutes after the last participant leaves; locally nobody wants to wait.
     session_end_delay_seconds: float = 0.0
 
@@ -40,6 +43,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         stage_quota=env.int("FANOUT_IVSLOCAL_STAGE_QUOTA", 1000, minimum=0),
         subscriber_quota=env.int("FANOUT_IVSLOCAL_SUBSCRIBER_QUOTA", 10_000, minimum=0),
         rate_limits=env.bool("FANOUT_IVSLOCAL_RATE_LIMITS", False),
+        rate_scale=env.float("FANOUT_IVSLOCAL_RATE_SCALE", 1.0, minimum=0.01, maximum=100.0),
         session_end_delay_seconds=env.float(
             "FANOUT_IVSLOCAL_SESSION_END_DELAY_SECONDS", 0.0, minimum=0.0, maximum=3600.0
         ),

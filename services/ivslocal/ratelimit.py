@@ -19,7 +19,7 @@ class _Bucket:
 
 
 class RateLimiter:
-    """One token bucket per operation, as deep as one second of its rate."""
+    """One token bucket per operation, as deep as one second of its rate (at least one call)."""
 
     def __init__(
         self, rates: Mapping[str, float] = OPERATION_RATES, clock: Callable[[], float] = time.monotonic
@@ -36,8 +36,9 @@ class RateLimiter:
         now = self._clock()
         bucket = self._buckets.get(operation)
         if bucket is None:
-            bucket = self._buckets[operation] = _Bucket(rate=rate, tokens=rate, updated=now)
-        bucket.tokens = min(bucket.rate, bucket.tokens + (now - bucket.updated) * bucket.rate)
+            bucket = self._buckets[operation] = _Bucket(rate=rate, tokens=max(1.0, rate), updated=now)
+        # A rate under 1/s still allows one call per 1/rate seconds, never none at all.
+        bucket.tokens = min(max(1.0, bucket.rate), bucket.tokens + (now - bucket.updated) * bucket.rate)
         bucket.updated = now
         if bucket.tokens < 1.0:
             return False

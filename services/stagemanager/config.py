@@ -47,7 +47,7 @@ def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
         scale_in_cooldown_seconds=env.float(
             "FANOUT_SCALE_IN_COOLDOWN_SECONDS", 60.0, minimum=0.0, maximum=86_400.0
         ),
-        room_idle_seconds=env.float("FANOUT_ROOM_IDLE_SECONDS", 1800.0, minimum=10.0, maximum=7 * 86_400.0),
+        room_idle_seconds=env.float("FANOUT_ROOM_IDLE_SECONDS", 1800.0, minimum=1.0, maximum=7 * 86_400.0),
         quota_retry_seconds=env.float("FANOUT_QUOTA_RETRY_SECONDS", 60.0, minimum=1.0, maximum=3600.0),
         tick_seconds=env.float("FANOUT_AUTOSCALER_TICK_SECONDS", 1.0, minimum=0.05, maximum=60.0),
     )

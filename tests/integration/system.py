@@ -150,7 +150,9 @@ async def running_system(
                 "FANOUT_STAGEMANAGER_ADDR": f"127.0.0.1:{stagemanager.port}",
             }
         )
-        runner = web.AppRunner(create_app(gateway_settings, registry=registries["gateway"]))
+        runner = web.AppRunner(
+            create_app(gateway_settings, registry=registries["gateway"]), handler_cancellation=True
+        )
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

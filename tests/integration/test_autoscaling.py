@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from protos.fanout.v1 import allocator_pb2, common_pb2, stagemanager_pb2
+from services.ivslocal.config import Settings as IvsSettings
 from tests.integration.publisher_events import Broadcaster
 from tests.integration.system import System, running_system
 from tests.integration.waiting import eventually
@@ -121,3 +124,130 @@ async def test_join_ramp_grows_the_pool_ahead_and_drains_it_behind(tmp_path: Pat
             lambda: set(states) - set(remaining) <= broadcaster.removed,
             what="stage-removed events for every deleted Stage",
         )
+
+
+async def test_stage_quota_overflows_to_the_hard_limit_then_refuses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="services.stagemanager.rooms")
+    async with (
+        running_system(
+            tmp_path,
+            ivs_settings=IvsSettings(port=0, stage_quota=2),
+            FANOUT_STAGE_CAPACITY="2",
+            FANOUT_STAGE_HARD_LIMIT="4",
+            FANOUT_MIN_FREE_SLOTS="1",
+            FANOUT_AUTOSCALER_TICK_SECONDS="0.1",
+        ) as system,
+        Broadcaster(system) as broadcaster,
+        aiohttp.ClientSession() as http,
+    ):
+        await eventually(lambda: len(broadcaster.live) == 1, what="the first Stage to go LIVE")
+        statuses, retry_after = [], None
+        for i in range(10):
+            async with http.post(
+                f"{system.gateway_url}/api/token/viewer", json={"userId": f"v{i}"}
+            ) as response:
+                statuses.append(response.status)
+                if response.status == 503:
+                    retry_after = response.headers.get("Retry-After")
+                    error = (await response.json())["error"]
+            # Give the autoscaler a moment to react to each join, as a real audience would.
+            await asyncio.sleep(0.15)
+        async with http.get(f"{system.gateway_url}/api/rooms/main") as response:
+            info = await response.json()
+        failures = system.registries["stagemanager"].get_sample_value(
+            "fanout_stage_creation_failures_total", {"room": "main", "reason": "quota"}
+        )
+    assert statuses == [200] * 8 + [503] * 2, statuses
+    assert error["code"] == "no_capacity" and retry_after is not None and int(retry_after) > 0
+    assert sorted(s["viewers"] for s in info["stages"] if s["stageArn"]) == [4, 4]
+    assert "quota" in info["lastError"]
+    assert failures is not None and failures >= 1
+    reports = [r for r in caplog.records if "cannot create a Stage" in r.getMessage()]
+    assert len(reports) == 1, [r.getMessage() for r in reports]
+
+
+async def test_the_autoscaler_converges_under_ivs_throttling(tmp_path: Path) -> None:
+    async with (
+        running_system(
+            tmp_path,
+            # CreateStage at 1/s: our 5/s budget meets real 429s.
+            ivs_settings=IvsSettings(port=0, rate_limits=True, rate_scale=0.2),
+            FANOUT_STAGE_CAPACITY="20",
+            FANOUT_MIN_FREE_SLOTS="5",
+            FANOUT_AUTOSCALER_TICK_SECONDS="0.2",
+        ) as system,
+        Broadcaster(system) as broadcaster,
+        aiohttp.ClientSession() as http,
+    ):
+        await eventually(lambda: len(broadcaster.live) == 1, what="the first Stage to go LIVE")
+
+        async def join(i: int) -> int:
+            async with http.post(
+                f"{system.gateway_url}/api/token/viewer", json={"userId": f"v{i}"}
+            ) as response:
+                return response.status
+
+        statuses = []
+        for burst in range(4):
+            statuses += await asyncio.gather(*(join(burst * 50 + i) for i in range(50)))
+            await asyncio.sleep(0.5)
+
+        async def enough_live() -> bool:
+            return len([s for s in (await room_stages(system)).values() if s == "LIVE"]) * 20 >= 200
+
+        await eventually(enough_live, what="the pool to catch up with 200 viewers", within=40)
+        throttled = system.registries["stagemanager"].get_sample_value(
+            "fanout_ivs_calls_total", {"operation": "CreateStage", "outcome": "throttled"}
+        )
+    assert set(statuses) == {200}
+    assert throttled is not None and throttled > 0
+    # Every 429 we counted is one IVS sent; calls in flight at the end may not be counted yet.
+    assert throttled <= system.ivs.stats.throttles["CreateStage"] <= throttled + 5
+
+
+async def test_a_room_without_a_publisher_ends_after_the_idle_time(tmp_path: Path) -> None:
+    async with (
+        running_system(tmp_path, FANOUT_ROOM_IDLE_SECONDS="1", FANOUT_MIN_STAGES="2") as system,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.post(
+            f"{system.gateway_url}/api/token/publisher-all",
+            json={"room": "quiet"},
+            headers=system.publisher_headers(),
+        ) as response:
+            assert response.status == 200
+
+        async def ended() -> bool:
+            async with http.get(f"{system.gateway_url}/api/rooms/quiet") as response:
+                return response.status == 404
+
+        await eventually(ended, what="the idle room to end", within=10)
+        left = await asyncio.to_thread(system.ivs.boto3_client().list_stages)
+    assert [s for s in left["stages"] if s["tags"].get("fanout:room") == "quiet"] == []
+
+
+async def test_ending_a_room_deletes_its_stages_and_tells_the_broadcaster(tmp_path: Path) -> None:
+    async with (
+        running_system(tmp_path, FANOUT_MIN_STAGES="2") as system,
+        Broadcaster(system) as broadcaster,
+        aiohttp.ClientSession() as http,
+    ):
+        await eventually(lambda: len(broadcaster.live) == 2, what="both Stages LIVE")
+        async with http.post(f"{system.gateway_url}/api/token/viewer", json={"userId": "v"}) as response:
+            assert response.status == 200
+        async with http.delete(
+            f"{system.gateway_url}/api/rooms/main", headers=system.publisher_headers()
+        ) as response:
+            assert response.status == 204
+        await eventually(lambda: "room-ended" in broadcaster.names(), what="room-ended on the event stream")
+        async with http.get(f"{system.gateway_url}/api/rooms/main") as response:
+            assert response.status == 404
+        async with http.post(
+            f"{system.gateway_url}/api/viewer/heartbeat", json={"room": "main", "userId": "v"}
+        ) as response:
+            assert response.status == 404
+        left = await asyncio.to_thread(system.ivs.boto3_client().list_stages)
+    assert left["stages"] == []
+    assert broadcaster.removed == set(broadcaster.live) | broadcaster.removed
