@@ -32,15 +32,24 @@ _PUBLISHED_STATES = frozenset(
     {common_pb2.STAGE_STATE_STANDBY, common_pb2.STAGE_STATE_LIVE, common_pb2.STAGE_STATE_DRAINING}
 )
 _END = object()
-ACTIVE_STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("publisher_streams")
+
+
+class OpenStreams:
+    """The handler tasks of open event streams."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+
+ACTIVE_STREAMS = web.AppKey("publisher_streams", OpenStreams)
 
 
 def track_streams(app: web.Application) -> None:
     """Open event streams never end by themselves: shutdown cancels them so the server can stop."""
-    app[ACTIVE_STREAMS] = set()
+    app[ACTIVE_STREAMS] = OpenStreams()
 
     async def cancel_streams(app: web.Application) -> None:
-        for task in list(app[ACTIVE_STREAMS]):
+        for task in list(app[ACTIVE_STREAMS].tasks):
             task.cancel()
 
     app.on_shutdown.append(cancel_streams)
@@ -117,7 +126,7 @@ async def publisher_events(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     current = asyncio.current_task()
-    streams = request.app[ACTIVE_STREAMS]
+    streams = request.app[ACTIVE_STREAMS].tasks
     if current is not None:
         streams.add(current)
     stream = PublisherStream(clients, room, user_id, settings.rpc_timeout_seconds)
