@@ -12,10 +12,10 @@ SDK_VERSION := 1.41.0
 SDK_JS := web/vendor/amazon-ivs-web-broadcast.js
 PROTO_SRC := $(wildcard protos/fanout/v1/*.proto)
 
-.PHONY: help setup run test lint proto check-proto bench clean
+.PHONY: help setup system-deps run test lint proto check-proto bench k8s-check clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,20 @@ $(SDK_JS):
 
 setup: $(BIN)/.installed $(SDK_JS) ## Create the virtualenv, install pinned dependencies, vendor the IVS web SDK
 
+# The tests drive a real Chromium and a real Prometheus; both come from Debian's packages.
+system-deps: ## Install the Debian packages the tests drive (chromium, prometheus) if they are missing
+	@missing=(); \
+	command -v chromium >/dev/null 2>&1 || missing+=(chromium); \
+	command -v promtool >/dev/null 2>&1 || missing+=(prometheus); \
+	if [ $${#missing[@]} -gt 0 ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing $${missing[*]}"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$${missing[@]}" >/dev/null; \
+	  else \
+	    echo "the tests need these Debian packages: $${missing[*]} (sudo apt-get install $${missing[*]})" >&2; exit 1; \
+	  fi; \
+	fi
+
 proto: $(BIN)/.installed ## Regenerate the gRPC code from protos/
 	PATH=$(BIN):$$PATH $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
 		--mypy_out=quiet:. --mypy_grpc_out=quiet:. $(PROTO_SRC)
@@ -41,7 +55,7 @@ check-proto: proto ## Fail if the generated gRPC code is stale
 run: setup ## Start the whole system locally (IVS emulator, services, gateway, pages)
 	$(PY) -m tools.run_local
 
-test: setup ## Run every test (unit, integration, browser)
+test: setup system-deps ## Run every test (unit, integration, browser)
 	$(PY) -m pytest -q
 
 lint: setup ## ruff and mypy
@@ -50,6 +64,9 @@ lint: setup ## ruff and mypy
 
 bench: setup ## Measure viewer-token throughput and latency through the whole path
 	$(PY) -m tools.bench
+
+k8s-check: $(BIN)/.installed ## Build every Kustomize overlay offline and check hardening, wiring and monitoring
+	$(PY) deploy/k8s/check.py
 
 clean: ## Remove the virtualenv, local state and caches
 	rm -rf $(VENV) .fanout web/vendor .pytest_cache .mypy_cache .ruff_cache
