@@ -1,4 +1,4 @@
-"""`make run`: the IVS emulator, stage manager, allocator and gateway on this machine, stopped together."""
+"""`make run`: the IVS emulator, stage manager, allocator, monitor and gateway here, stopped together."""
 
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ class Ports:
     ivslocal: int
     stagemanager: int
     allocator: int
+    monitor: int
     stagemanager_metrics: int
     allocator_metrics: int
+    monitor_metrics: int
 
 
 def read_ports(env: Env) -> Ports:
@@ -38,8 +40,10 @@ def read_ports(env: Env) -> Ports:
         ivslocal=port("FANOUT_IVSLOCAL_PORT", 8099),
         stagemanager=port("FANOUT_STAGEMANAGER_PORT", 50061),
         allocator=port("FANOUT_ALLOCATOR_PORT", 50062),
+        monitor=port("FANOUT_MONITOR_PORT", 50063),
         stagemanager_metrics=port("FANOUT_STAGEMANAGER_METRICS_PORT", 9461),
         allocator_metrics=port("FANOUT_ALLOCATOR_METRICS_PORT", 9462),
+        monitor_metrics=port("FANOUT_MONITOR_METRICS_PORT", 9463),
     )
 
 
@@ -58,6 +62,8 @@ def child_environment(base: dict[str, str], ports: Ports) -> dict[str, str]:
             "FANOUT_ALLOCATOR_ADDR": f"127.0.0.1:{ports.allocator}",
             "FANOUT_STAGEMANAGER_METRICS_PORT": str(ports.stagemanager_metrics),
             "FANOUT_ALLOCATOR_METRICS_PORT": str(ports.allocator_metrics),
+            "FANOUT_MONITOR_LISTEN": f"127.0.0.1:{ports.monitor}",
+            "FANOUT_MONITOR_METRICS_PORT": str(ports.monitor_metrics),
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -141,6 +147,7 @@ async def run() -> int:
         await supervisor.wait_until("the IVS emulator", f"http://127.0.0.1:{ports.ivslocal}/_emulator/stats")
         await supervisor.start("stagemanager", "services.stagemanager")
         await supervisor.start("allocator", "services.allocator")
+        await supervisor.start("monitor", "services.monitor")
         await supervisor.start("gateway", "gateway")
         await supervisor.wait_until("the gateway and its dependencies", f"{base}/readyz")
     except RuntimeError as error:
@@ -157,6 +164,7 @@ async def run() -> int:
                 f"  watch page       {base}/watch",
                 f"  room info        {base}/api/rooms/main",
                 f"  metrics          {base}/metrics",
+                f"  monitor metrics  http://127.0.0.1:{ports.monitor_metrics}/metrics",
                 f"  publisher key    {key or '(yours)'}   ({key_note})",
                 "Press Ctrl-C to stop.",
                 "",

@@ -39,8 +39,12 @@ class IvsTokenApi:
             if not token:
                 return None
 
-    async def ensure_public_key(self, pem: str, name: str) -> str:
-        """Finds or imports the public key; the ARN is the `kid` of every self-signed token."""
+    async def ensure_public_key(self, pem: str, name: str, reclaim_stale: bool = False) -> str:
+        """Finds or imports the public key; the ARN is the `kid` of every self-signed token.
+
+        With `reclaim_stale` (local mode only: an emulator whose keys are all ours), keys of the same
+        name but other material make room when the 3-key quota is full; in AWS no key is ever deleted.
+        """
         try:
             arn = await self.find_public_key(pem)
             if arn:
@@ -48,18 +52,30 @@ class IvsTokenApi:
             try:
                 response = await self._caller.call("ImportPublicKey", publicKeyMaterial=pem, name=name)
             except ClientError as error:
+                code = error_code(error)
                 # Another allocator replica imported the same key a moment ago.
-                if error_code(error) == "ConflictException":
+                if code == "ConflictException":
                     arn = await self.find_public_key(pem)
                     if arn:
                         return arn
-                raise
+                if code == "ServiceQuotaExceededException" and reclaim_stale:
+                    await self._delete_named(name)
+                    response = await self._caller.call("ImportPublicKey", publicKeyMaterial=pem, name=name)
+                else:
+                    raise
             arn = str(response["publicKey"]["arn"])
             log.info("imported the token signing public key as %s", arn)
             return arn
         except (ClientError, BotoCoreError) as error:
             code = error_code(error) if isinstance(error, ClientError) else "unreachable"
             raise Unavailable(f"cannot register the signing key with IVS: {code}") from error
+
+    async def _delete_named(self, name: str) -> None:
+        response = await self._caller.call("ListPublicKeys", maxResults=100)
+        for summary in response.get("publicKeys", []):
+            if summary.get("name") == name:
+                log.warning("deleting stale local signing key %s to make room", summary["arn"])
+                await self._caller.call("DeletePublicKey", arn=summary["arn"])
 
     async def create_participant_token(self, **params: Any) -> Mapping[str, Any]:
         try:

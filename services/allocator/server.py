@@ -65,7 +65,9 @@ async def build_minter(settings: AllocatorSettings, token_api: IvsTokenApi) -> T
     delay = 1.0
     while True:
         try:
-            kid = await token_api.ensure_public_key(public_key_pem(key), name="fanout-token-signing")
+            kid = await token_api.ensure_public_key(
+                public_key_pem(key), name="fanout-token-signing", reclaim_stale=settings.ivs.mode == "local"
+            )
             break
         except Unavailable as error:
             # Without the key in IVS no token would be accepted: keep trying rather than serve.

@@ -33,8 +33,9 @@ def load_private_key(path: pathlib.Path) -> ec.EllipticCurvePrivateKey:
     except (ValueError, TypeError):
         # The underlying message could quote key material; name the file instead.
         raise SigningKeyError(f"{path} is not an unencrypted PEM EC P-384 (secp384r1) private key") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("signing key file %s is accessible to other users; it should be mode 0600", path)
+    # Group access is how a Kubernetes Secret reaches a non-root user (fsGroup); the world never needs it.
+    if mode & stat.S_IRWXO:
+        log.warning("signing key file %s is accessible to every user; it should be 0600 or 0440", path)
     return key
 
 

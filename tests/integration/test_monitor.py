@@ -1,0 +1,448 @@
+"""The monitor against the real system: what IVS sees reaches placement and Stage states, within budget."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import boto3
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from moto.server import ThreadedMotoServer
+from prometheus_client import CollectorRegistry
+
+from protos.fanout.v1 import allocator_pb2, common_pb2, stagemanager_pb2
+from services.common.ivs_calls import make_ivs_client
+from services.ivslocal.config import Settings as IvsSettings
+from services.ivslocal.model import TokenRequest
+from services.monitor.config import read_settings
+from services.monitor.server import MonitorService, start_monitor
+from services.monitor.sqs import make_sqs_client
+from tests.integration.system import System, free_port, running_system
+from tests.integration.waiting import eventually
+
+LIVE, STANDBY = common_pb2.STAGE_STATE_LIVE, common_pb2.STAGE_STATE_STANDBY
+
+
+@dataclass
+class RunningMonitor:
+    service: MonitorService
+    registry: CollectorRegistry
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, labels)
+
+    async def serving(self) -> bool:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.service.port}") as channel:
+            response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@contextlib.asynccontextmanager
+async def running_monitor(system: System, **overrides: str) -> AsyncIterator[RunningMonitor]:
+    """The monitor built as its __main__ builds it, on port 0, next to the running system."""
+    env = {
+        **system.env,
+        "FANOUT_MONITOR_LISTEN": "127.0.0.1:0",
+        "FANOUT_MONITOR_METRICS_PORT": "0",
+        "FANOUT_ALLOCATOR_ADDR": system.allocator_addr,
+        "FANOUT_STAGEMANAGER_ADDR": system.stagemanager_addr,
+        "FANOUT_MONITOR_INTERVAL_SECONDS": "0.2",
+        "FANOUT_MONITOR_REPORT_TIMEOUT_SECONDS": "1",
+        **overrides,
+    }
+    settings = read_settings(env)
+    registry = CollectorRegistry()
+    allocator_channel = grpc.aio.insecure_channel(settings.allocator_addr)
+    stagemanager_channel = grpc.aio.insecure_channel(settings.stagemanager_addr)
+    sqs_client = (
+        make_sqs_client(settings.sqs.region, settings.sqs.endpoint_url, local_credentials=True)
+        if settings.sqs
+        else None
+    )
+    service = await start_monitor(
+        settings,
+        make_ivs_client("us-east-1", system.ivs.url, local_credentials=True),
+        allocator_channel,
+        stagemanager_channel,
+        registry,
+        sqs_client,
+    )
+    monitor = RunningMonitor(service, registry)
+    try:
+        await eventually(monitor.serving, what="the monitor's first pass (health SERVING)")
+        yield monitor
+    finally:
+        await service.stop(0.1)
+        await allocator_channel.close()
+        await stagemanager_channel.close()
+
+
+async def start_show(http: aiohttp.ClientSession, system: System) -> list[dict[str, Any]]:
+    async with http.post(
+        f"{system.gateway_url}/api/token/publisher-all", json={}, headers=system.publisher_headers()
+    ) as response:
+        assert response.status == 200
+        return list((await response.json())["tokens"])
+
+
+async def place_viewer(http: aiohttp.ClientSession, system: System, user_id: str) -> dict[str, Any]:
+    async with http.post(f"{system.gateway_url}/api/token/viewer", json={"userId": user_id}) as response:
+        assert response.status == 200
+        return dict(await response.json())
+
+
+async def stage_states(system: System) -> list[int]:
+    room = await system.stagemanager.GetRoom(stagemanager_pb2.GetRoomRequest(room="main"))
+    return [stage.state for stage in sorted(room.room.stages, key=lambda s: s.index)]
+
+
+def join_directly(system: System, stage_arn: str, count: int, publish: bool = False) -> list[str]:
+    """Participants with emulator-minted tokens (no HTTP call, so no call against the rate limits)."""
+    capabilities = ["PUBLISH", "SUBSCRIBE"] if publish else ["SUBSCRIBE"]
+    ids = []
+    for _ in range(count):
+        issued = system.ivs.state.create_participant_token(stage_arn, TokenRequest(capabilities=capabilities))
+        participant = system.ivs.state.connect_participant(issued.token)
+        if publish:
+            system.ivs.state.set_published(stage_arn, participant.participant_id, True)
+        ids.append(participant.participant_id)
+    return ids
+
+
+async def test_observed_viewers_and_publisher_presence_reach_the_allocator_and_stage_manager(
+    tmp_path: Path,
+) -> None:
+    async with (
+        running_system(tmp_path, FANOUT_MIN_STAGES="2", FANOUT_PUBLISHER_GRACE_SECONDS="1") as system,
+        aiohttp.ClientSession() as http,
+    ):
+        first, second = await start_show(http, system)
+        viewers = [await place_viewer(http, system, f"viewer-{i}") for i in range(7)]
+        # Six viewers really join with their tokens; the seventh holds a lease but never shows up.
+        for viewer in viewers[:6]:
+            system.ivs.state.connect_participant(viewer["token"])
+        joined = {first["stageArn"]: 0, second["stageArn"]: 0}
+        leased = dict(joined)
+        for i, viewer in enumerate(viewers):
+            leased[viewer["stageArn"]] += 1
+            joined[viewer["stageArn"]] += i < 6
+        publisher = system.ivs.state.connect_participant(first["token"])
+        system.ivs.state.set_published(first["stageArn"], publisher.participant_id, True)
+        foreign = await asyncio.to_thread(
+            system.ivs.boto3_client().create_stage,
+            name="other-cluster",
+            tags={
+                "fanout:cluster": "other",
+                "fanout:room": "main",
+                "fanout:index": "0",
+                "fanout:role": "origin",
+            },
+        )
+        join_directly(system, foreign["stage"]["arn"], 3)
+        assert await stage_states(system) == [STANDBY, STANDBY]
+
+        async with running_monitor(system) as monitor:
+
+            async def occupancy_observed() -> dict[str, allocator_pb2.StageOccupancy] | None:
+                result = await system.allocator.GetOccupancy(allocator_pb2.GetOccupancyRequest(room="main"))
+                by_arn = {s.stage_arn: s for s in result.stages}
+                return by_arn if all(by_arn[a].observed == n for a, n in joined.items()) else None
+
+            occupancy = await eventually(occupancy_observed, what="observed viewers in the allocator")
+            for arn, stage in occupancy.items():
+                assert (stage.leased, stage.observed, stage.viewers) == (
+                    leased[arn],
+                    joined[arn],
+                    max(leased[arn], joined[arn]),
+                )
+            drift_stage = next(a for a in leased if leased[a] != joined[a])
+            allocator_metric = system.registries["allocator"].get_sample_value
+
+            await eventually(
+                lambda: (
+                    allocator_metric(
+                        "fanout_occupancy_drift", {"room": "main", "stage": drift_stage.rsplit("/", 1)[1]}
+                    )
+                    == 1
+                ),
+                what="drift = leased - observed in the allocator's metrics",
+            )
+            # LIVE from the observation alone: nobody called ReportPublisherStatus.
+            await eventually(
+                lambda: _states_are(system, [LIVE, STANDBY]), what="the publishing Stage confirmed LIVE"
+            )
+
+            first_id = first["stageArn"].rsplit("/", 1)[1]
+            assert monitor.metric("fanout_monitor_stages") == 2
+            assert monitor.metric("fanout_monitor_account_stages") == 3
+            assert monitor.metric("fanout_ivs_stage_quota") == 1000
+            assert (
+                monitor.metric(
+                    "fanout_monitor_observed_participants", room="main", stage=first_id, role="publisher"
+                )
+                == 1
+            )
+            assert (
+                monitor.metric(
+                    "fanout_monitor_observed_participants", room="main", stage=first_id, role="subscriber"
+                )
+                == joined[first["stageArn"]]
+            )
+            other_id = foreign["stage"]["arn"].rsplit("/", 1)[1]
+            assert (
+                monitor.metric("fanout_monitor_stage_refresh_age_seconds", room="main", stage=other_id)
+                is None
+            )
+            age = monitor.metric("fanout_monitor_stage_refresh_age_seconds", room="main", stage=first_id)
+            assert age is not None and age < 2
+            assert (monitor.metric("fanout_monitor_cycle_seconds_count") or 0) >= 1
+            assert (
+                monitor.metric("fanout_ivs_calls_total", operation="ListParticipants", outcome="ok") or 0
+            ) >= 2
+
+            # The broadcaster's browser goes away: flagged once the stage manager's grace has passed.
+            system.ivs.state.disconnect(first["stageArn"], publisher.participant_id)
+            await eventually(
+                lambda: _states_are(system, [STANDBY, STANDBY]),
+                what="the vanished publisher flagged",
+                within=8,
+            )
+            assert (monitor.metric("fanout_monitor_report_failures_total", target="allocator") or 0) == 0
+
+
+async def _states_are(system: System, states: list[int]) -> bool:
+    return await stage_states(system) == states
+
+
+async def test_within_the_rate_limits_the_monitor_is_never_throttled_and_ages_stay_bounded(
+    tmp_path: Path,
+) -> None:
+    async with running_system(
+        tmp_path, ivs_settings=IvsSettings(port=0, rate_limits=True), FANOUT_MIN_STAGES="3"
+    ) as system:
+        room = await system.stagemanager.EnsureRoom(stagemanager_pb2.EnsureRoomRequest(room="main"))
+        big, small, idle = (s.arn for s in sorted(room.room.stages, key=lambda s: s.index))
+        join_directly(system, big, 1, publish=True)
+        join_directly(system, big, 349)  # 4 pages of 100
+        join_directly(system, small, 30)
+        stage = {arn: arn.rsplit("/", 1)[1] for arn in (big, small, idle)}
+
+        async with running_monitor(system, FANOUT_MONITOR_PAGES_PER_TURN="1") as monitor:
+            worst = dict.fromkeys(stage.values(), 0.0)
+            started = time.monotonic()
+            while time.monotonic() - started < 5:
+                for stage_id in stage.values():
+                    age = monitor.metric(
+                        "fanout_monitor_stage_refresh_age_seconds", room="main", stage=stage_id
+                    )
+                    assert age is not None
+                    worst[stage_id] = max(worst[stage_id], age)
+                await asyncio.sleep(0.05)
+
+            def observed(arn: str, role: str) -> float | None:
+                return monitor.metric(
+                    "fanout_monitor_observed_participants", room="main", stage=stage[arn], role=role
+                )
+
+            assert (observed(big, "publisher"), observed(big, "subscriber")) == (1, 349)
+            assert (observed(small, "publisher"), observed(small, "subscriber")) == (0, 30)
+            assert (observed(idle, "publisher"), observed(idle, "subscriber")) == (0, 0)
+            calls = system.ivs.stats.calls["ListParticipants"]
+            throttles = sum(system.ivs.stats.throttles.values())
+            cycles = monitor.metric("fanout_monitor_cycle_seconds_count") or 0
+            cycle_seconds = (monitor.metric("fanout_monitor_cycle_seconds_sum") or 0) / max(cycles, 1)
+
+        print(
+            f"\nrate limits on, 1 page per Stage per pass: {calls} ListParticipants in ~5 s, "
+            f"{throttles} throttled, {cycles:.0f} passes of {cycle_seconds:.2f} s on average, worst refresh "
+            f"age: big (4 pages) {worst[stage[big]]:.2f} s, small {worst[stage[small]]:.2f} s, "
+            f"idle {worst[stage[idle]]:.2f} s"
+        )
+        assert throttles == 0, system.ivs.stats.as_dict()
+        # Two ListParticipants per pass at 5/s: 0.4 s a pass; the 4-page Stage completes every 4 passes.
+        assert worst[stage[small]] < 1.5
+        assert worst[stage[big]] < 3.0
+        assert worst[stage[idle]] < 1.5
+        assert calls <= 5 * 6  # never above 5/s, over at most 6 s since the monitor started
+
+
+async def test_a_report_target_that_is_down_costs_nothing_but_its_reports(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{sock.getsockname()[1]}"
+    async with running_system(tmp_path) as system, aiohttp.ClientSession() as http:
+        (token,) = await start_show(http, system)
+        publisher = system.ivs.state.connect_participant(token["token"])
+        system.ivs.state.set_published(token["stageArn"], publisher.participant_id, True)
+        async with running_monitor(system, FANOUT_ALLOCATOR_ADDR=nobody) as monitor:
+            await eventually(
+                lambda: _states_are(system, [LIVE]), what="LIVE despite the allocator being down"
+            )
+            await eventually(
+                lambda: (
+                    (monitor.metric("fanout_monitor_report_failures_total", target="allocator") or 0) >= 2
+                ),
+                what="failed reports counted and retried",
+            )
+            passes = monitor.metric("fanout_monitor_cycle_seconds_count") or 0
+            await eventually(
+                lambda: (monitor.metric("fanout_monitor_cycle_seconds_count") or 0) > passes + 2,
+                what="passes going on",
+            )
+            assert await monitor.serving()
+            assert not monitor.metric("fanout_monitor_report_failures_total", target="stagemanager")
+
+
+@pytest.fixture
+def sqs_queue() -> Any:
+    """A real SQS API over HTTP on loopback (moto's server), with one empty queue."""
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.session.Session().client(
+        "sqs",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+    )
+    url = client.create_queue(QueueName="ivs-stage-events")["QueueUrl"]
+    try:
+        yield endpoint, url, client
+    finally:
+        server.stop()
+
+
+def stage_event(
+    stage_arn: str, name: str, participant_id: str, when: datetime, event_id: str | None = None
+) -> str:
+    return json.dumps(
+        {
+            "version": "0",
+            "id": event_id or str(uuid.uuid4()),
+            "detail-type": "IVS Stage Update",
+            "source": "aws.ivs",
+            "account": "123456789012",
+            "time": when.isoformat(),
+            "region": "us-east-1",
+            "resources": [stage_arn],
+            "detail": {
+                "session_id": "st-0123456789abc",
+                "event_name": name,
+                "event_time": when.isoformat(),
+                "participant_id": participant_id,
+                "user_id": "",
+            },
+        }
+    )
+
+
+async def test_publish_events_from_sqs_refresh_the_stage_at_once(tmp_path: Path, sqs_queue: Any) -> None:
+    endpoint, url, sqs = sqs_queue
+
+    async def send(body: str) -> None:
+        await asyncio.to_thread(sqs.send_message, QueueUrl=url, MessageBody=body)
+
+    async with (
+        running_system(tmp_path, FANOUT_PUBLISHER_GRACE_SECONDS="1") as system,
+        aiohttp.ClientSession() as http,
+    ):
+        (token,) = await start_show(http, system)
+        arn = token["stageArn"]
+        # Polling only once a minute: whatever happens within the test comes through the events.
+        async with running_monitor(
+            system,
+            FANOUT_MONITOR_INTERVAL_SECONDS="60",
+            FANOUT_MONITOR_SQS_QUEUE_URL=url,
+            FANOUT_MONITOR_SQS_ENDPOINT=endpoint,
+            FANOUT_MONITOR_SQS_WAIT_SECONDS="1",
+        ) as monitor:
+
+            def events(event: str, outcome: str) -> float:
+                return monitor.metric("fanout_monitor_events_total", event=event, outcome=outcome) or 0
+
+            assert await stage_states(system) == [STANDBY]
+            publisher = system.ivs.state.connect_participant(token["token"])
+            system.ivs.state.set_published(arn, publisher.participant_id, True)
+            published_at = datetime.now(UTC)
+            published = stage_event(
+                arn, "Participant Published", publisher.participant_id, published_at, "e1"
+            )
+            await send(published)
+            await eventually(
+                lambda: _states_are(system, [LIVE]), what="LIVE through the event path", within=5
+            )
+
+            await send(published)  # delivered twice
+            await send(  # arrives after the Published it preceded
+                stage_event(
+                    arn,
+                    "Participant Unpublished",
+                    publisher.participant_id,
+                    published_at - timedelta(seconds=3),
+                )
+            )
+            await send("{not an event")
+            await send(
+                stage_event(
+                    "arn:aws:ivs:us-east-1:123456789012:stage/otherCluster1",
+                    "Participant Published",
+                    "someone",
+                    published_at,
+                )
+            )
+            await eventually(
+                lambda: (
+                    (
+                        events("participant_published", "duplicate"),
+                        events("participant_unpublished", "stale"),
+                        events("unknown", "malformed"),
+                        events("participant_published", "ignored"),
+                    )
+                    == (1, 1, 1, 1)
+                ),
+                what="every message judged",
+            )
+            assert events("participant_published", "handled") == 1
+            assert await stage_states(system) == [LIVE]
+
+            # A real Unpublished, past the stage manager's grace: the Stage goes back to STANDBY.
+            await asyncio.sleep(1.1)
+            system.ivs.state.disconnect(arn, publisher.participant_id)
+            await send(
+                stage_event(arn, "Participant Unpublished", publisher.participant_id, datetime.now(UTC))
+            )
+            await eventually(lambda: _states_are(system, [STANDBY]), what="STANDBY through the event path")
+            assert events("participant_unpublished", "handled") == 1
+
+            async def queue_empty() -> bool:
+                attributes = (
+                    await asyncio.to_thread(
+                        sqs.get_queue_attributes,
+                        QueueUrl=url,
+                        AttributeNames=[
+                            "ApproximateNumberOfMessages",
+                            "ApproximateNumberOfMessagesNotVisible",
+                        ],
+                    )
+                )["Attributes"]
+                return attributes == {
+                    "ApproximateNumberOfMessages": "0",
+                    "ApproximateNumberOfMessagesNotVisible": "0",
+                }
+
+            await eventually(queue_empty, what="every message deleted, the malformed one included")
+            assert (monitor.metric("fanout_monitor_cycle_seconds_count") or 0) == 1
