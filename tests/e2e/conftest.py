@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,9 @@ class RunningSystem:
             return error.code, json.loads(error.read() or b"{}")
 
 
-@pytest.fixture(scope="session")
-def running_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSystem]:
-    state_dir = tmp_path_factory.mktemp("state")
+@contextmanager
+def start_system(state_dir: Path, **settings: str) -> Iterator[RunningSystem]:
+    """Starts `python -m tools.run_local` on free loopback ports; `settings` are extra FANOUT_* variables."""
     log_path = state_dir / "system.log"
     gateway_port = free_port()
     ivslocal_port = free_port()
@@ -75,14 +76,16 @@ def running_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running
         **os.environ,
         "FANOUT_STATE_DIR": str(state_dir),
         "FANOUT_PUBLISHER_KEYS": PUBLISHER_KEY,
-        "FANOUT_MIN_STAGES": "2",
         "FANOUT_GATEWAY_PORT": str(gateway_port),
         "FANOUT_IVSLOCAL_PORT": str(ivslocal_port),
         "FANOUT_STAGEMANAGER_PORT": str(free_port()),
         "FANOUT_ALLOCATOR_PORT": str(free_port()),
+        "FANOUT_MONITOR_PORT": str(free_port()),
         "FANOUT_STAGEMANAGER_METRICS_PORT": str(free_port()),
         "FANOUT_ALLOCATOR_METRICS_PORT": str(free_port()),
+        "FANOUT_MONITOR_METRICS_PORT": str(free_port()),
         "FANOUT_VIEWER_LEASE_SECONDS": "30",
+        **settings,
     }
     env.pop("AWS_REGION", None)
     env.pop("AWS_DEFAULT_REGION", None)
@@ -109,6 +112,13 @@ def running_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running
         except subprocess.TimeoutExpired:
             process.kill()
             raise
+
+
+@pytest.fixture(scope="module")
+def running_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSystem]:
+    """Module-scoped, so a module that needs other settings can start its own with start_system()."""
+    with start_system(tmp_path_factory.mktemp("state"), FANOUT_MIN_STAGES="2") as system:
+        yield system
 
 
 def _listening(port: int) -> bool:

@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from tests.e2e.conftest import PageProblems, RunningSystem, screenshot
+from tests.e2e.pages import connected_participants, eventually, wait_until_playing
 
 pytestmark = pytest.mark.e2e
 
 ROOM = "main"
-VIDEO = "document.querySelector('#video')"
-
-
-def eventually(condition: Callable[[], Any], what: str, within: float = 15) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def room_info(system: RunningSystem) -> dict[str, Any]:
@@ -36,15 +24,6 @@ def room_info(system: RunningSystem) -> dict[str, Any]:
 
 def wait_for_viewers(system: RunningSystem, count: int, within: float = 10) -> None:
     eventually(lambda: room_info(system)["viewers"] == count, f"{count} viewers in room {ROOM}", within)
-
-
-def connected_participants(ivs: Any, stage_arn: str) -> dict[str, dict[str, Any]]:
-    """participantId -> summary for the CONNECTED participants of the Stage's active session."""
-    session_id = ivs.get_stage(arn=stage_arn)["stage"].get("activeSessionId")
-    if session_id is None:
-        return {}
-    listed = ivs.list_participants(stageArn=stage_arn, sessionId=session_id, filterByState="CONNECTED")
-    return {p["participantId"]: p for p in listed["participants"]}
 
 
 def test_index_page_links_both_pages(running_system: RunningSystem, browser: Browser) -> None:
@@ -93,26 +72,6 @@ def open_viewer(
     page = problems.watch(context.new_page())
     page.goto(f"{system.base_url}/watch")
     return context, page
-
-
-def wait_until_playing(page: Page) -> dict[str, Any]:
-    """Waits for the broadcaster's video to play: frames have a size and time moves on."""
-    page.wait_for_function("window.fanoutWatch.state === 'playing'", timeout=20_000)
-    page.wait_for_function(f"{VIDEO}.videoWidth > 0", timeout=10_000)
-    start = page.evaluate(f"{VIDEO}.currentTime")
-    page.wait_for_function(f"{VIDEO}.currentTime > {start} + 0.5", timeout=10_000)
-    return dict(
-        page.evaluate(
-            f"""() => ({{
-                width: {VIDEO}.videoWidth,
-                height: {VIDEO}.videoHeight,
-                currentTime: {VIDEO}.currentTime,
-                muted: {VIDEO}.muted,
-                stageArn: window.fanoutWatch.stageArn,
-                participantId: window.fanoutWatch.participantId,
-            }})"""
-        )
-    )
 
 
 def test_the_show_three_viewers_watch_the_broadcaster(

@@ -1,7 +1,13 @@
 // The broadcast page: camera preview, Go live (one Stage per publish token), Stop, and the room's
 // Stages table. Publishing itself lives in StageFanout; this module wires it to the DOM and the API.
+//
+// Go live asks POST /api/token/publisher-all once (it creates the room and answers a bad key with a
+// plain 401), joins those Stages, then follows the publisher events stream while live: a snapshot
+// re-syncs the set of Stages (on every reconnect too), stage-added joins a new Stage, stage-removed
+// leaves one, room-ended stops. So the audience can grow the pool without the page reloading.
 
 import { getConfig, getPublisherTokens, getRoom, reportPublishing } from './api.js';
+import { PublisherEvents } from './publisher-events.js';
 import { loadStageSdk } from './sdk.js';
 import { StageFanout } from './stage-fanout.js';
 import { renderStagesTable } from './stages-table.js';
@@ -22,6 +28,9 @@ const KEY_STORAGE = 'fanout.publisherKey';
 
 const els = {
   status: byId('status'),
+  fanoutSummary: byId('fanout-summary'),
+  publishingCount: byId('publishing-count'),
+  eventsState: byId('events-state'),
   modeNote: byId('mode-note'),
   error: byId('error'),
   form: byId('broadcast-form'),
@@ -44,7 +53,9 @@ const view = {
   mode: null,
   room: null,
   stages: [],
+  publishing: 0, // Stages this page publishes to right now
   roomStages: [],
+  events: null, // the publisher events stream: state, reason, snapshots, added, removed, reconnects
   error: null,
 };
 window.fanoutBroadcast = view;
@@ -53,6 +64,7 @@ let config = null;
 let sdk = null;
 let media = null; // MediaStream from getUserMedia
 let fanout = null;
+let events = null; // PublisherEvents while live
 let liveRoom = null; // room the current fan-out belongs to
 let liveKey = null;
 const problems = new Map(); // stageArn -> problem text
@@ -155,6 +167,8 @@ async function report(stageArn, publishing, options) {
   try {
     await reportPublishing(liveKey, liveRoom, stageArn, publishing, options);
   } catch (error) {
+    // "Stopped publishing" on a Stage that is already gone (scale-in deleted it) needs no report.
+    if (!publishing && error.status === 404) return;
     console.warn(`publisher status report failed for stage ${stageId(stageArn)}: ${error.code}`);
     fail(`Could not report the publish state of Stage ${stageId(stageArn)}: ${error.message}`);
   }
@@ -176,10 +190,86 @@ function liveStatusText() {
   return `Live: publishing to ${published} of ${stages.length} Stage(s) in room ${liveRoom}.`;
 }
 
+function eventsText(status) {
+  if (!status) return '';
+  switch (status.state) {
+    case 'connecting':
+      return 'Stage updates: connecting…';
+    case 'open':
+      return 'Stage updates: following the room.';
+    case 'reconnecting':
+      return status.retryInMs === null
+        ? `Stage updates: reconnecting (${status.reason})…`
+        : `Stage updates: lost (${status.reason}); reconnecting in ${Math.max(1, Math.round(status.retryInMs / 1000))} s.`;
+    case 'failed':
+      return `Stage updates: stopped (${status.reason}). New Stages are not joined until you go live again.`;
+    case 'ended':
+      return 'Stage updates: the room ended.';
+    default:
+      return '';
+  }
+}
+
+function renderSummary() {
+  const stages = fanout ? fanout.stages : [];
+  view.publishing = stages.filter((s) => s.publishState === 'published').length;
+  els.publishingCount.textContent = String(view.publishing);
+  els.publishingCount.title = `${view.publishing} of ${stages.length} joined Stage(s) published`;
+  els.eventsState.textContent = eventsText(view.events);
+  els.eventsState.dataset.state = view.events ? view.events.state : '';
+  els.fanoutSummary.hidden = !fanout;
+}
+
 function onFanoutChange() {
   view.stages = fanout ? fanout.stages : [];
   if (fanout && view.state === 'live') setState('live', liveStatusText());
+  renderSummary();
   renderStages();
+}
+
+function onEventsStatus(status) {
+  view.events = status;
+  renderSummary();
+}
+
+function followRoom(key, room) {
+  events = new PublisherEvents({
+    publisherKey: key,
+    room,
+    onSnapshot: (tokens) => fanout && fanout.sync(tokens),
+    onStageAdded: (token) => {
+      if (!fanout) return;
+      fanout.add(token);
+      refreshRoom();
+    },
+    onStageRemoved: (stageArn) => {
+      if (!fanout) return;
+      fanout.remove(stageArn);
+      refreshRoom();
+    },
+    onRoomEnded: roomEnded,
+    onFatal: (error) => {
+      if (error.status === 401) fail('Stage updates: the publisher key was rejected (401); new Stages are not joined.');
+      else fail(`Stage updates stopped: ${error.message}`);
+    },
+    onStatus: onEventsStatus,
+  });
+  events.start();
+}
+
+// Someone ended the room (DELETE /api/rooms/{room}, or it idled out): its Stages are being deleted.
+function roomEnded() {
+  const room = liveRoom;
+  if (fanout) fanout.removeAll();
+  fanout = null;
+  events = null;
+  liveKey = null;
+  liveRoom = null;
+  problems.clear();
+  view.stages = [];
+  setState('ended', `The room ${room} was ended and its Stages deleted. Go live to start it again.`);
+  renderSummary();
+  refreshRoom();
 }
 
 async function goLive() {
@@ -218,12 +308,16 @@ async function goLive() {
   setState('live', '');
   fanout.sync(answer.tokens);
   onFanoutChange();
+  followRoom(key, answer.room);
   refreshRoom();
 }
 
 async function stop() {
   if (!fanout) return;
   setState('stopping', 'Leaving every Stage…');
+  if (events) events.stop();
+  events = null;
+  view.events = null;
   const left = fanout.removeAll();
   fanout = null;
   view.stages = [];
@@ -232,11 +326,14 @@ async function stop() {
   liveRoom = null;
   problems.clear();
   setState('idle', 'Not live.');
+  renderSummary();
   renderStages();
 }
 
 // The page is going away: leave the Stages and tell the gateway without waiting for answers.
 function stopOnUnload() {
+  if (events) events.stop();
+  events = null;
   if (!fanout) return;
   const left = fanout.removeAll();
   for (const stageArn of left) report(stageArn, false, { keepalive: true });

@@ -1,8 +1,9 @@
 // Browser fan-out (DESIGN.md §5): one Stage per publish token, each with its own LocalStageStreams
 // around clones of the camera and microphone tracks. No DOM here; the page renders `stages`.
 //
-// add/remove/sync are keyed by stageArn so the publisher events stream (snapshot, stage-added,
-// stage-removed) can drive the same object later.
+// add/remove/sync are keyed by stageArn; the publisher events stream drives them (snapshot -> sync,
+// stage-added -> add, stage-removed -> remove). A Stage deleted under us (STAGE_LEFT with reason
+// stage-deleted, which can arrive just before the stream's stage-removed) is dropped quietly.
 
 import { describeStageError } from './sdk.js';
 
@@ -39,13 +40,22 @@ export class StageFanout {
     return [...this.entries.keys()];
   }
 
-  /** Adds Stages we are not on yet and leaves the ones no longer listed. */
+  /**
+   * Adds Stages we are not on yet and leaves the ones no longer listed. A Stage we gave up on (join
+   * failed, left) is joined again with the fresh token: a snapshot is the natural moment to retry.
+   */
   sync(tokens) {
     const wanted = new Set(tokens.map((t) => t.stageArn));
     for (const stageArn of this.stageArns) {
       if (!wanted.has(stageArn)) this.remove(stageArn);
     }
-    for (const token of tokens) this.add(token);
+    for (const token of tokens) {
+      const entry = this.entries.get(token.stageArn);
+      if (entry && (entry.publishState === 'errored' || entry.publishState === 'left')) {
+        this.remove(token.stageArn);
+      }
+      this.add(token);
+    }
   }
 
   add(tokenInfo) {
@@ -82,6 +92,7 @@ export class StageFanout {
 
   join(entry, token) {
     const { Stage, LocalStageStream, SubscribeType, StageEvents, StageParticipantPublishState } = this.sdk;
+    const stageDeleted = (this.sdk.StageLeftReason && this.sdk.StageLeftReason.STAGE_DELETED) || 'stage-deleted';
     entry.clones = this.getTracks().map((track) => track.clone());
     const streams = entry.clones.map((track) => new LocalStageStream(track));
     const strategy = {
@@ -91,6 +102,12 @@ export class StageFanout {
     };
 
     const current = () => this.entries.get(entry.stageArn) === entry;
+    // A Stage ending emits not-published, disconnected, then STAGE_LEFT in one go; react to the first
+    // two only once we know the last was not "stage-deleted" (then the Stage is simply gone).
+    const later = (react) =>
+      queueMicrotask(() => {
+        if (current() && entry.publishState !== 'left') react();
+      });
     let stage;
     try {
       stage = new Stage(token, strategy); // throws at once on a malformed token
@@ -104,16 +121,22 @@ export class StageFanout {
     stage.on(StageEvents.STAGE_PARTICIPANT_PUBLISH_STATE_CHANGED, (info, state) => {
       if (!info.isLocal || !current()) return;
       entry.publishState = state;
-      if (state === StageParticipantPublishState.PUBLISHED) this.setProblem(entry, null);
-      if (state === StageParticipantPublishState.ERRORED) this.setProblem(entry, 'publishing failed');
-      this.setPublished(entry, state === StageParticipantPublishState.PUBLISHED);
+      if (state === StageParticipantPublishState.PUBLISHED) {
+        this.setProblem(entry, null);
+        this.setPublished(entry, true);
+      } else {
+        later(() => {
+          if (state === StageParticipantPublishState.ERRORED && !entry.problem) this.setProblem(entry, 'publishing failed');
+          this.setPublished(entry, false);
+        });
+      }
       this.onChange();
     });
     stage.on(StageEvents.STAGE_CONNECTION_STATE_CHANGED, (state) => {
       if (!current()) return;
       entry.connectionState = state;
       if (state === 'disconnected' || state === 'errored') {
-        this.setProblem(entry, `connection ${state}; the SDK is retrying`);
+        later(() => this.setProblem(entry, `connection ${state}; the SDK is retrying`));
       } else if (state === 'connected' && entry.problem && entry.problem.startsWith('connection')) {
         this.setProblem(entry, null);
       }
@@ -126,6 +149,11 @@ export class StageFanout {
     });
     stage.on(StageEvents.STAGE_LEFT, (reason) => {
       if (!current()) return;
+      if (reason === stageDeleted) {
+        // Deleted by the stage manager's scale-in (the stream's stage-removed may still be on its way).
+        this.remove(entry.stageArn);
+        return;
+      }
       entry.publishState = 'left';
       this.setPublished(entry, false);
       this.setProblem(entry, `left the Stage (${reason})`);

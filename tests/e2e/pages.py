@@ -1,0 +1,51 @@
+"""Helpers the e2e modules share: waiting, the watch page's video, and the emulator's participants."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from playwright.sync_api import Page
+
+VIDEO = "document.querySelector('#video')"
+
+
+def eventually(condition: Callable[[], Any], what: str, within: float = 15) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def connected_participants(ivs: Any, stage_arn: str) -> dict[str, dict[str, Any]]:
+    """participantId -> summary for the CONNECTED participants of the Stage's active session."""
+    session_id = ivs.get_stage(arn=stage_arn)["stage"].get("activeSessionId")
+    if session_id is None:
+        return {}
+    listed = ivs.list_participants(stageArn=stage_arn, sessionId=session_id, filterByState="CONNECTED")
+    return {p["participantId"]: p for p in listed["participants"]}
+
+
+def wait_until_playing(page: Page) -> dict[str, Any]:
+    """Waits for the broadcaster's video to play: frames have a size and time moves on."""
+    page.wait_for_function("window.fanoutWatch.state === 'playing'", timeout=20_000)
+    page.wait_for_function(f"{VIDEO}.videoWidth > 0", timeout=10_000)
+    start = page.evaluate(f"{VIDEO}.currentTime")
+    page.wait_for_function(f"{VIDEO}.currentTime > {start} + 0.5", timeout=10_000)
+    return dict(
+        page.evaluate(
+            f"""() => ({{
+                width: {VIDEO}.videoWidth,
+                height: {VIDEO}.videoHeight,
+                currentTime: {VIDEO}.currentTime,
+                muted: {VIDEO}.muted,
+                stageArn: window.fanoutWatch.stageArn,
+                participantId: window.fanoutWatch.participantId,
+            }})"""
+        )
+    )
