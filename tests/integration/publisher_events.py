@@ -27,6 +27,7 @@ class Broadcaster:
     live: dict[str, float] = field(default_factory=dict)
     removed: set[str] = field(default_factory=set)
     bad_tokens: list[str] = field(default_factory=list)
+    drops: list[str] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
     _public_keys: dict[str, str] = field(default_factory=dict)
 
@@ -44,6 +45,17 @@ class Broadcaster:
         return [name for name, _ in self.events]
 
     async def _follow(self) -> None:
+        """Like the page: a stream that ends is opened again, and its snapshot re-syncs."""
+        while "room-ended" not in self.names():
+            try:
+                await self._follow_once()
+            except (aiohttp.ClientError, AssertionError) as error:
+                self.drops.append(repr(error))
+            else:
+                self.drops.append("stream ended")
+            await asyncio.sleep(0.2)
+
+    async def _follow_once(self) -> None:
         url = f"{self.system.gateway_url}/api/rooms/{self.room}/publisher/events"
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as http,

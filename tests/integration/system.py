@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
@@ -122,6 +123,21 @@ async def start_allocator_for(
     return service
 
 
+async def wait_until_serving(port: int) -> None:
+    """The standard health check, as the gateway's /readyz asks it."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+
+        async def serving() -> bool:
+            try:
+                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.aio.AioRpcError:
+                return False
+            return response.status == health_pb2.HealthCheckResponse.SERVING
+
+        await eventually(serving, what=f"the service on port {port} to serve", within=30)
+
+
 def _close_on_cancel(channel: grpc.aio.Channel) -> Any:
     async def wait_then_close() -> None:
         try:
@@ -142,6 +158,7 @@ async def running_system(
         registries = {name: CollectorRegistry() for name in ("stagemanager", "allocator", "gateway")}
         stagemanager = await start_stagemanager(env, registries["stagemanager"])
         allocator = await start_allocator_for(env, stagemanager.port, registries["allocator"])
+        await wait_until_serving(allocator.port)
         gateway_settings = GatewaySettings.from_env(
             {
                 **env,
