@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from dataclasses import replace
 
 from aiohttp import web
@@ -12,8 +10,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.auth import LOCAL_KEY_FILE, load_or_create_local_publisher_key
 from gateway.config import GatewaySettings
-from services.common.env import ConfigError
-from services.common.lifecycle import run_service, wait_for_stop_signal
+from services.common.lifecycle import run_service, settings_or_exit, wait_for_stop_signal
 from services.common.logs import configure_logging
 
 log = logging.getLogger("gateway")
@@ -23,12 +20,7 @@ _SHUTDOWN_GRACE_SECONDS = 10.0
 
 
 async def main() -> None:
-    try:
-        settings = GatewaySettings.from_env(os.environ)
-    except ConfigError as error:
-        # Logging is not set up yet, and this one line is all an operator needs.
-        sys.stderr.write(f"gateway: configuration error: {error}\n")
-        raise SystemExit(2) from None
+    settings = settings_or_exit("gateway", GatewaySettings.from_env)
     configure_logging("gateway", json_lines=settings.log_json)
     if not settings.publisher_keys:
         # Only local mode gets here: config refuses aws mode without FANOUT_PUBLISHER_KEYS.

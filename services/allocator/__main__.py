@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 
 import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from services.allocator.config import read_settings
 from services.allocator.server import start_allocator
-from services.common.env import ConfigError
 from services.common.ivs_calls import make_ivs_client
-from services.common.lifecycle import run_service, wait_for_stop_signal
+from services.common.lifecycle import run_service, settings_or_exit, wait_for_stop_signal
 from services.common.logs import configure_logging
 
 log = logging.getLogger("services.allocator")
 
 
 async def main() -> None:
-    try:
-        settings = read_settings(os.environ)
-    except ConfigError as error:
-        sys.stderr.write(f"allocator: configuration error: {error}\n")
-        raise SystemExit(2) from None
+    settings = settings_or_exit("allocator", read_settings)
     configure_logging("allocator", settings.log_json)
     registry = CollectorRegistry()
     ivs_client = make_ivs_client(

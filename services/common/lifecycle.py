@@ -4,9 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
-from collections.abc import Callable, Coroutine
-from typing import Any
+import sys
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
+
+from services.common.env import ConfigError
+
+T = TypeVar("T")
+
+
+def settings_or_exit(service: str, read: Callable[[Mapping[str, str]], T]) -> T:
+    """The process's settings from its environment; a bad value ends it with one clear line."""
+    try:
+        return read(os.environ)
+    except ConfigError as error:
+        # Logging is not configured yet, and this one line is all an operator needs.
+        sys.stderr.write(f"{service}: configuration error: {error}\n")
+        raise SystemExit(2) from None
 
 
 async def wait_for_stop_signal() -> None:

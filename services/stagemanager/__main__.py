@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 
 import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from services.common.env import ConfigError
 from services.common.ivs_calls import make_ivs_client
-from services.common.lifecycle import run_service, wait_for_stop_signal
+from services.common.lifecycle import run_service, settings_or_exit, wait_for_stop_signal
 from services.common.logs import configure_logging
 from services.stagemanager.config import read_settings
 from services.stagemanager.server import start_stage_manager
@@ -20,11 +17,7 @@ log = logging.getLogger("services.stagemanager")
 
 
 async def main() -> None:
-    try:
-        settings = read_settings(os.environ)
-    except ConfigError as error:
-        sys.stderr.write(f"stagemanager: configuration error: {error}\n")
-        raise SystemExit(2) from None
+    settings = settings_or_exit("stagemanager", read_settings)
     configure_logging("stagemanager", settings.log_json)
     registry = CollectorRegistry()
     ivs_client = make_ivs_client(
