@@ -40,6 +40,9 @@ class StageRecord:
     live_at: float = 0.0
     # Why a FAILED Stage failed: "quota" or "error".
     failure: str = ""
+    # Created while the broadcaster was live: only such a Stage's time to LIVE measures lead time
+    # (an earlier one waited for the show to start, however fast it was made).
+    during_show: bool = False
 
     def copy(self) -> StageRecord:
         return dataclasses.replace(self)

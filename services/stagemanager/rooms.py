@@ -155,6 +155,7 @@ class RoomManager:
                 index=room.next_index(),
                 state=StageState.PROVISIONING,
                 created_at=self._clock(),
+                during_show=room.publishing,
             )
             self._inventory.add_stage(record)
             tasks.append(self._spawn(self._provision(room, record)))

@@ -93,7 +93,7 @@ async def test_join_ramp_grows_the_pool_ahead_and_drains_it_behind(tmp_path: Pat
         snapshot = [
             t["stageArn"] for name, data in broadcaster.events if name == "snapshot" for t in data["tokens"]
         ]
-        assert set(states) == set(added) | set(snapshot), "every Stage reached the broadcaster with a token"
+        assert set(states) <= set(added) | set(snapshot), "every Stage reached the broadcaster with a token"
         assert broadcaster.bad_tokens == []
         print(
             f"ramp: 500 joins in {ramp_seconds:.1f}s, {len(states)} Stages, peak overflow {peak_overflow}, "

@@ -95,10 +95,15 @@ def test_join_rate_over_a_sliding_window() -> None:
 
 
 def test_lead_time_is_measured_per_room() -> None:
-    room = room_with(StageState.LIVE, StageState.LIVE)
-    room.stages[0].live_at = 4.0
-    room.stages[1].live_at = 2.0
+    room = room_with(StageState.LIVE, StageState.LIVE, StageState.LIVE)
+    room.stages[0].live_at = 60.0  # made before the show: it waited for the broadcaster
     assert lead_time(room, default=3.0) == 3.0
+    for index, live_at in ((1, 4.0), (2, 2.0)):
+        room.stages[index].live_at = live_at
+        room.stages[index].during_show = True
+    assert lead_time(room, default=3.0) == 3.0
+    room.stages[2].live_at = 1.0
+    assert lead_time(room, default=3.0) == 2.5
     fresh = room_with(StageState.STANDBY, publishing=False)
     assert lead_time(fresh, default=7.0) == 7.0
     fresh.stages[0].ready_at = 0.5
