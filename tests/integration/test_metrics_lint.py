@@ -8,6 +8,7 @@ import aiohttp
 from prometheus_client import generate_latest
 
 from tests.integration.audience import place_viewers
+from tests.integration.monitor_fixtures import running_monitor
 from tests.integration.system import System
 from tests.integration.waiting import eventually
 from tests.prometheus_binaries import require_binary
@@ -40,7 +41,12 @@ async def test_every_service_metrics_pass_promtool_lint(system: System) -> None:
         expositions = {"gateway": await response.read()}
     for service, registry in system.registries.items():
         expositions.setdefault(service, generate_latest(registry))
-    assert {"gateway", "stagemanager", "allocator"} <= expositions.keys()
+    async with running_monitor(system) as monitor:
+        await eventually(
+            lambda: monitor.metric("fanout_monitor_stages") == 1, what="the monitor to watch the Stage"
+        )
+        expositions["monitor"] = generate_latest(monitor.registry)
+    assert {"gateway", "stagemanager", "allocator", "monitor"} <= expositions.keys()
     findings = {}
     for service, exposition in expositions.items():
         assert b"fanout_" in exposition, service
