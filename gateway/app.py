@@ -45,7 +45,7 @@ def create_app(
     middlewares: list[Middleware] = [observe_middleware(metrics), error_middleware]
     if settings.rate_limit_per_second > 0:
         limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
-        middlewares.append(rate_limit_middleware(limiter))
+        middlewares.append(rate_limit_middleware(limiter, settings.trusted_proxy_hops))
     middlewares.append(body_limit_middleware(settings.max_body_bytes))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings

@@ -33,6 +33,8 @@ class GatewaySettings:
     # Per client IP; 0 turns the limiter off (benchmarks, trusted networks).
     rate_limit_per_second: float = 20.0
     rate_limit_burst: int = 40
+    # Proxies in front of the gateway that append to X-Forwarded-For (an ingress: 1); 0 trusts none.
+    trusted_proxy_hops: int = 0
     log_json: bool = False
     web_dir: Path = field(default=_REPO_WEB_DIR)
     # Most calls are one store round trip; EnsureRoom and EndRoom wait for IVS to create/delete Stages.
@@ -79,6 +81,7 @@ class GatewaySettings:
             max_body_bytes=env.int("FANOUT_MAX_BODY_BYTES", 16384, minimum=256, maximum=1 << 20),
             rate_limit_per_second=rate,
             rate_limit_burst=env.int("FANOUT_RATE_LIMIT_BURST", max(1, int(rate * 2)), minimum=1),
+            trusted_proxy_hops=env.int("FANOUT_TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10),
             log_json=env.bool("FANOUT_LOG_JSON", mode == "aws"),
             web_dir=Path(web_dir_raw) if web_dir_raw is not None else _REPO_WEB_DIR,
             sse_keepalive_seconds=env.float("FANOUT_SSE_KEEPALIVE_SECONDS", 15.0, minimum=1.0, maximum=300.0),

@@ -258,13 +258,32 @@ class RateLimiter:
         self._buckets = {key: bucket for key, bucket in self._buckets.items() if now - bucket[1] < full_after}
 
 
-def rate_limit_middleware(limiter: RateLimiter, prefix: str = "/api/") -> Middleware:
+def client_address(request: web.Request, trusted_proxy_hops: int) -> str:
+    """The client's IP: behind N trusted proxies, the Nth X-Forwarded-For entry from the right.
+
+    Each proxy appends the address it saw, so entries left of the trusted ones may be forged.
+    """
+    if trusted_proxy_hops > 0:
+        forwarded = [
+            entry.strip()
+            for header in request.headers.getall("X-Forwarded-For", [])
+            for entry in header.split(",")
+            if entry.strip()
+        ]
+        if len(forwarded) >= trusted_proxy_hops:
+            return forwarded[-trusted_proxy_hops]
+    return request.remote or "unknown"
+
+
+def rate_limit_middleware(
+    limiter: RateLimiter, trusted_proxy_hops: int = 0, prefix: str = "/api/"
+) -> Middleware:
     """Limits the API per client IP; pages, probes and metrics stay cheap and unlimited."""
 
     @web.middleware
     async def rate_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith(prefix):
-            wait = limiter.acquire(request.remote or "unknown")
+            wait = limiter.acquire(client_address(request, trusted_proxy_hops))
             if wait > 0:
                 raise ApiError(
                     429,

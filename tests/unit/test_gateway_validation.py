@@ -178,3 +178,17 @@ def test_error_messages_never_echo_the_value() -> None:
     with pytest.raises(ApiError) as raised:
         validation.parse_json_object(json.dumps([secret]).encode(), "application/json")
     assert secret not in raised.value.message
+
+
+def test_client_address_trusts_only_the_configured_proxy_hops() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from gateway.middlewares import client_address
+
+    request = make_mocked_request(
+        "POST", "/api/token/viewer", headers={"X-Forwarded-For": "6.6.6.6, 203.0.113.9"}
+    )
+    assert client_address(request, 1) == "203.0.113.9"
+    assert client_address(request, 2) == "6.6.6.6"
+    assert client_address(request, 0) == (request.remote or "unknown")
+    assert client_address(request, 3) == (request.remote or "unknown")
