@@ -10,7 +10,12 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.auth import LOCAL_KEY_FILE, load_or_create_local_publisher_key
 from gateway.config import GatewaySettings
-from services.common.lifecycle import run_service, settings_or_exit, wait_for_stop_signal
+from services.common.lifecycle import (
+    freeze_startup_heap,
+    run_service,
+    settings_or_exit,
+    wait_for_stop_signal,
+)
 from services.common.logs import configure_logging
 
 log = logging.getLogger("gateway")
@@ -44,6 +49,7 @@ async def main() -> None:
         shutdown_timeout=_SHUTDOWN_GRACE_SECONDS,
     )
     await runner.setup()
+    freeze_startup_heap()
     try:
         await web.TCPSite(runner, settings.host, settings.port).start()
         for address in runner.addresses:

@@ -16,6 +16,14 @@ from gateway.auth import LOCAL_KEY_FILE, load_or_create_local_publisher_key
 from services.common.env import ConfigError, Env
 
 STOP_GRACE_SECONDS = 8.0
+# Every process of the local system, in start order: (name, module run with python -m).
+SERVICES: tuple[tuple[str, str], ...] = (
+    ("ivslocal", "services.ivslocal"),
+    ("stagemanager", "services.stagemanager"),
+    ("allocator", "services.allocator"),
+    ("monitor", "services.monitor"),
+    ("gateway", "gateway"),
+)
 READY_TIMEOUT_SECONDS = 60.0
 
 
@@ -143,12 +151,13 @@ async def run() -> int:
         loop.add_signal_handler(sig, stop.set)
     base = f"http://127.0.0.1:{ports.gateway}"
     try:
-        await supervisor.start("ivslocal", "services.ivslocal")
-        await supervisor.wait_until("the IVS emulator", f"http://127.0.0.1:{ports.ivslocal}/_emulator/stats")
-        await supervisor.start("stagemanager", "services.stagemanager")
-        await supervisor.start("allocator", "services.allocator")
-        await supervisor.start("monitor", "services.monitor")
-        await supervisor.start("gateway", "gateway")
+        for name, module in SERVICES:
+            await supervisor.start(name, module)
+            if name == "ivslocal":
+                # The others call it at start; the gRPC services retry each other on their own.
+                await supervisor.wait_until(
+                    "the IVS emulator", f"http://127.0.0.1:{ports.ivslocal}/_emulator/stats"
+                )
         await supervisor.wait_until("the gateway and its dependencies", f"{base}/readyz")
     except RuntimeError as error:
         print(f"run: {error}", file=sys.stderr)

@@ -10,7 +10,12 @@ from prometheus_client import CollectorRegistry, start_http_server
 from services.allocator.config import read_settings
 from services.allocator.server import start_allocator
 from services.common.ivs_calls import make_ivs_client
-from services.common.lifecycle import run_service, settings_or_exit, wait_for_stop_signal
+from services.common.lifecycle import (
+    freeze_startup_heap,
+    run_service,
+    settings_or_exit,
+    wait_for_stop_signal,
+)
 from services.common.logs import configure_logging
 
 log = logging.getLogger("services.allocator")
@@ -27,6 +32,7 @@ async def main() -> None:
         start_http_server(settings.metrics_port, addr="0.0.0.0", registry=registry)
     channel = grpc.aio.insecure_channel(settings.stagemanager_addr)
     service = await start_allocator(settings, ivs_client, channel, registry)
+    freeze_startup_heap()
     log.info(
         "allocator serving on port %d (%s tokens)",
         service.port,

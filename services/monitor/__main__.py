@@ -8,7 +8,12 @@ import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from services.common.ivs_calls import make_ivs_client
-from services.common.lifecycle import run_service, settings_or_exit, wait_for_stop_signal
+from services.common.lifecycle import (
+    freeze_startup_heap,
+    run_service,
+    settings_or_exit,
+    wait_for_stop_signal,
+)
 from services.common.logs import configure_logging
 from services.monitor.config import read_settings
 from services.monitor.server import start_monitor
@@ -38,6 +43,7 @@ async def main() -> None:
     service = await start_monitor(
         settings, ivs_client, allocator_channel, stagemanager_channel, registry, sqs_client
     )
+    freeze_startup_heap()
     log.info(
         "monitor serving on port %d (cluster %s, a pass every %.1fs at most, %.1f IVS calls/s per operation)",
         service.port,

@@ -8,7 +8,12 @@ import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from services.common.ivs_calls import make_ivs_client
-from services.common.lifecycle import run_service, settings_or_exit, wait_for_stop_signal
+from services.common.lifecycle import (
+    freeze_startup_heap,
+    run_service,
+    settings_or_exit,
+    wait_for_stop_signal,
+)
 from services.common.logs import configure_logging
 from services.stagemanager.config import read_settings
 from services.stagemanager.server import start_stage_manager
@@ -27,6 +32,7 @@ async def main() -> None:
         start_http_server(settings.metrics_port, addr="0.0.0.0", registry=registry)
     allocator_channel = grpc.aio.insecure_channel(settings.allocator_addr)
     service = await start_stage_manager(settings, ivs_client, allocator_channel, registry)
+    freeze_startup_heap()
     log.info(
         "stage manager serving on port %d (cluster %s, %s mode)",
         service.port,
