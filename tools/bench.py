@@ -504,6 +504,7 @@ class Run:
     levels: tuple[int, ...]
     seconds: float
     keep: bool
+    storm: bool = True
 
 
 def header() -> None:
@@ -723,7 +724,12 @@ async def main_async(run: Run) -> int:
     task = asyncio.current_task()
     if task is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await run_bench(run)
+    code = await run_bench(run)
+    if code == 0 and run.storm:
+        from tools.bench_storm import run_storm
+
+        code = await run_storm(run.keep)
+    return code
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Run:
@@ -738,10 +744,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Run:
         help="closed-loop concurrencies, comma-separated (default 1,8,32,64)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary state dir and logs")
+    parser.add_argument("--no-storm", action="store_true", help="skip the join-storm scenario")
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.seconds > 60 or not args.levels or min(args.levels) < 1:
         parser.error("--seconds must be in (0, 60] and every level at least 1")
-    return Run(levels=args.levels, seconds=args.seconds, keep=args.keep)
+    return Run(levels=args.levels, seconds=args.seconds, keep=args.keep, storm=not args.no_storm)
 
 
 def main() -> None:
