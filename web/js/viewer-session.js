@@ -21,6 +21,8 @@ const RECOVERABLE_ERRORS = new Set([
   'STAGE_AT_CAPACITY',
   'STAGE_DELETED',
   'PARTICIPANT_DISCONNECTED',
+  // Refused after a signing-key rotation or an emulator restart: a fresh token gets back in.
+  'TOKEN_NOT_ALLOWED',
 ]);
 
 export function backoffSeconds(attempt, cap = MAX_BACKOFF_SECONDS) {
