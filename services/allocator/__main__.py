@@ -8,7 +8,7 @@ import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from services.allocator.config import read_settings
-from services.allocator.server import start_allocator
+from services.allocator.server import open_store, start_allocator
 from services.common.ivs_calls import make_ivs_client
 from services.common.lifecycle import (
     freeze_startup_heap,
@@ -31,7 +31,7 @@ async def main() -> None:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="0.0.0.0", registry=registry)
     channel = grpc.aio.insecure_channel(settings.stagemanager_addr)
-    service = await start_allocator(settings, ivs_client, channel, registry)
+    service = await start_allocator(settings, ivs_client, channel, registry, open_store(settings))
     freeze_startup_heap()
     log.info(
         "allocator serving on port %d (%s tokens)",

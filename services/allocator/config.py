@@ -9,8 +9,11 @@ from pathlib import Path
 from services.allocator.allocation import PlacementSettings
 from services.common.env import ConfigError, Env
 from services.common.ivs_settings import IvsSettings, read_ivs_settings
+from services.stagemanager.config import CLUSTER_ID_PATTERN
 
 TWO_WEEKS = 20160 * 60
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL_PATTERN = r"(redis|rediss|unix)://\S+"
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,10 @@ class AllocatorSettings:
     # ES384 tokens signed with our key (no IVS call per token); else CreateParticipantToken.
     self_signed: bool
     signing_key_file: Path | None
+    # "memory" (one replica) or "redis" (replicas share the leases in `redis_url`, keys by cluster id).
     store: str
+    redis_url: str | None
+    cluster_id: str
     log_json: bool
     shutdown_grace_seconds: float
 
@@ -47,6 +53,12 @@ def read_settings(environ: Mapping[str, str]) -> AllocatorSettings:
     )
     if self_signed and key_file is None:
         raise ConfigError("FANOUT_TOKEN_MODE=self-signed needs FANOUT_SIGNING_KEY_FILE in AWS mode")
+    store = env.choice("FANOUT_STORE", "memory", ("memory", "redis"))
+    redis_url = env.str(
+        "FANOUT_REDIS_URL", LOCAL_REDIS_URL if ivs.mode == "local" else "", pattern=REDIS_URL_PATTERN
+    )
+    if store == "redis" and not redis_url:
+        raise ConfigError("FANOUT_STORE=redis needs FANOUT_REDIS_URL in AWS mode")
     return AllocatorSettings(
         listen=env.str("FANOUT_ALLOCATOR_LISTEN", "127.0.0.1:50062", pattern=r"[^\s]+:\d{1,5}"),
         metrics_port=env.int("FANOUT_ALLOCATOR_METRICS_PORT", 9462, minimum=0, maximum=65535),
@@ -68,7 +80,9 @@ def read_settings(environ: Mapping[str, str]) -> AllocatorSettings:
         ),
         self_signed=self_signed,
         signing_key_file=key_file if self_signed else None,
-        store=env.choice("FANOUT_STORE", "memory", ("memory",)),
+        store=store,
+        redis_url=redis_url if store == "redis" else None,
+        cluster_id=env.str("FANOUT_CLUSTER_ID", "local", pattern=CLUSTER_ID_PATTERN),
         log_json=env.bool("FANOUT_LOG_JSON", ivs.mode == "aws"),
         shutdown_grace_seconds=env.float("FANOUT_SHUTDOWN_GRACE_SECONDS", 5.0, minimum=0, maximum=60),
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import redis.asyncio as redis
 from prometheus_client import CollectorRegistry
 
 from protos.fanout.v1 import allocator_pb2, allocator_pb2_grpc, stagemanager_pb2_grpc
@@ -16,6 +17,7 @@ from services.allocator.config import AllocatorSettings
 from services.allocator.inventory import StageInventory
 from services.allocator.ivs import IvsTokenApi
 from services.allocator.metrics import AllocatorMetrics
+from services.allocator.redis_store import RedisLeaseStore
 from services.allocator.servicer import AllocatorServicer
 from services.allocator.signing_key import load_or_create_private_key, load_private_key
 from services.allocator.store import LeaseStore, MemoryLeaseStore
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = allocator_pb2.DESCRIPTOR.services_by_name["Allocator"].full_name
 REAP_INTERVAL_SECONDS = 1.0
+REDIS_CHECK_SECONDS = 2.0
+REDIS_RETRY_MAX_SECONDS = 10.0
+REDIS_MAX_CONNECTIONS = 64
 
 
 @dataclass
@@ -78,17 +83,40 @@ async def build_minter(settings: AllocatorSettings, token_api: IvsTokenApi) -> T
     return SelfSignedMinter(key, kid)
 
 
+def open_redis_client(url: str) -> redis.Redis:
+    """A client whose requests wait for a free connection (up to 64) rather than fail in a burst."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=5,
+        health_check_interval=30,
+        socket_connect_timeout=5,
+        socket_timeout=5,
+    )
+    return redis.Redis.from_pool(pool)
+
+
+def open_store(settings: AllocatorSettings) -> LeaseStore:
+    """The configured lease store; the Redis client is created here, and only for the Redis store."""
+    if settings.store == "redis" and settings.redis_url:
+        return RedisLeaseStore(open_redis_client(settings.redis_url), settings.cluster_id)
+    return MemoryLeaseStore()
+
+
 async def start_allocator(
     settings: AllocatorSettings,
     ivs_client: Any,
     stagemanager_channel: grpc.aio.Channel,
     registry: CollectorRegistry,
+    store: LeaseStore | None = None,
 ) -> AllocatorService:
-    """Serves at once (NOT_SERVING) and becomes SERVING with the first inventory snapshot."""
+    """Serves at once (NOT_SERVING) and becomes SERVING with the first inventory snapshot (and, with
+    the Redis store, once Redis answers). Without `store`, opens the configured one."""
     caller = IvsCaller(ivs_client, CallBudget(), IvsMetrics(registry))
     minter = await build_minter(settings, IvsTokenApi(caller))
     inventory = StageInventory()
-    store = MemoryLeaseStore()
+    if store is None:
+        store = open_store(settings)
     metrics = AllocatorMetrics(registry, settings.placement.soft_capacity, settings.placement.hard_limit)
     allocator = Allocator(inventory, store, minter, settings.placement, metrics)
     watcher = InventoryWatcher(
@@ -103,15 +131,42 @@ async def start_allocator(
     )
     tasks = [
         asyncio.create_task(watcher.run()),
-        asyncio.create_task(_serve_when_ready(watcher, server)),
+        asyncio.create_task(_serve_when_ready(watcher, server, store)),
         asyncio.create_task(_reap_forever(allocator)),
     ]
     return AllocatorService(server, allocator, store, caller, tasks)
 
 
-async def _serve_when_ready(watcher: InventoryWatcher, server: GrpcServer) -> None:
+async def _serve_when_ready(watcher: InventoryWatcher, server: GrpcServer, store: LeaseStore) -> None:
     await watcher.ready.wait()
-    await server.set_serving(True)
+    if not isinstance(store, RedisLeaseStore):
+        await server.set_serving(True)
+        return
+    # SERVING only while Redis answers: without it no viewer can be placed.
+    delay = 0.1
+    outage = False
+    serving = False
+    while True:
+        try:
+            await store.ping()
+        except (redis.RedisError, OSError) as error:
+            if not outage:
+                log.warning("Redis lease store unreachable (%s); not serving until it answers", error)
+                outage = True
+            if serving:
+                await server.set_serving(False)
+                serving = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, REDIS_RETRY_MAX_SECONDS)
+            continue
+        if outage:
+            log.info("Redis lease store reachable again")
+            outage = False
+        delay = 0.1
+        if not serving:
+            await server.set_serving(True)
+            serving = True
+        await asyncio.sleep(REDIS_CHECK_SECONDS)
 
 
 async def _reap_forever(allocator: Allocator) -> None:

@@ -39,6 +39,11 @@ def test_stage_manager_rejects_bad_values_naming_the_variable(environ: dict[str,
         ({"FANOUT_VIEWER_TOKEN_SECONDS": "99999999"}, "FANOUT_VIEWER_TOKEN_SECONDS"),
         ({"FANOUT_TOKEN_MODE": "magic"}, "FANOUT_TOKEN_MODE"),
         ({"FANOUT_STORE": "postgres"}, "FANOUT_STORE"),
+        ({"FANOUT_STORE": "redis", "FANOUT_REDIS_URL": "http://x"}, "FANOUT_REDIS_URL"),
+        (
+            {"FANOUT_MODE": "aws", "AWS_REGION": "us-east-1", "FANOUT_STORE": "redis"},
+            "FANOUT_REDIS_URL",
+        ),
         (
             {"FANOUT_MODE": "aws", "AWS_REGION": "us-east-1", "FANOUT_TOKEN_MODE": "self-signed"},
             "FANOUT_SIGNING_KEY_FILE",
@@ -74,3 +79,9 @@ def test_mode_is_local_unless_a_region_is_configured() -> None:
 def test_aws_mode_without_a_signing_key_falls_back_to_the_token_api() -> None:
     settings = read_allocator({"AWS_REGION": "us-west-2"})
     assert not settings.self_signed and settings.signing_key_file is None
+
+
+def test_the_redis_store_defaults_to_the_local_redis_and_the_cluster_namespace() -> None:
+    settings = read_allocator({"FANOUT_STORE": "redis", "FANOUT_CLUSTER_ID": "blue"})
+    assert settings.store == "redis"
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
