@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 import shutil
 import sys
@@ -36,6 +35,7 @@ from tools.bench import (
     request_json,
 )
 from tools.run_local import Supervisor
+from tools.sse_client import read_events
 
 VIEWERS = 5_000
 STORM_SECONDS = 10.0
@@ -69,23 +69,17 @@ async def follow_as_broadcaster(base: str, key: str, added: list[float], started
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as http,
         http.get(f"{base}/api/rooms/main/publisher/events", headers=headers) as stream,
     ):
-        event = ""
-        async for raw in stream.content:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("event: "):
-                event = line[len("event: ") :]
-            elif line.startswith("data: "):
-                data = json.loads(line[len("data: ") :])
-                tokens = data["tokens"] if event == "snapshot" else [data] if event == "stage-added" else []
-                if event == "stage-added":
-                    added.append(time.perf_counter() - started)
-                for token in tokens:
-                    async with http.post(
-                        f"{base}/api/rooms/main/publisher/status",
-                        json={"stageArn": token["stageArn"], "publishing": True},
-                        headers=headers,
-                    ) as response:
-                        await response.read()
+        async for event, data in read_events(stream):
+            tokens = data["tokens"] if event == "snapshot" else [data] if event == "stage-added" else []
+            if event == "stage-added":
+                added.append(time.perf_counter() - started)
+            for token in tokens:
+                async with http.post(
+                    f"{base}/api/rooms/main/publisher/status",
+                    json={"stageArn": token["stageArn"], "publishing": True},
+                    headers=headers,
+                ) as response:
+                    await response.read()
 
 
 async def watch_pool(base: str, watch: PoolWatch, started: float, stop: asyncio.Event) -> None:

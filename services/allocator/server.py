@@ -27,6 +27,7 @@ from services.common.errors import Unavailable
 from services.common.grpc_server import GrpcServer, GrpcServerMetrics, start_grpc_server
 from services.common.ivs_calls import CallBudget, IvsCaller, IvsMetrics
 from services.common.jwt_es384 import public_key_pem
+from services.common.lifecycle import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,7 @@ class AllocatorService:
 
     async def stop(self, grace: float) -> None:
         await self.grpc.stop(grace)
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_and_wait(self.tasks)
         await self.store.close()
         self.caller.close()
 

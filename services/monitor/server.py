@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from services.common.grpc_server import GrpcServer, GrpcServerMetrics, start_grpc_server
 from services.common.ivs_calls import CallBudget, IvsCaller, IvsMetrics
 from services.common.ivs_quotas import OPERATION_RATES
+from services.common.lifecycle import cancel_and_wait
 from services.monitor.clients import allocator_sender, stagemanager_sender
 from services.monitor.config import MonitorSettings
 from services.monitor.consumer import EventConsumer
@@ -42,9 +43,7 @@ class MonitorService:
 
     async def stop(self, grace: float) -> None:
         await self.grpc.stop(grace)
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_and_wait(self.tasks)
         self.caller.close()
         if self.queue is not None:
             self.queue.close()

@@ -11,6 +11,7 @@ from typing import Any
 
 from services.common.errors import FanoutError, NoCapacity, NotFound, Unavailable
 from services.common.ids import check_room_id, check_stage_arn
+from services.common.lifecycle import cancel_and_wait
 from services.stagemanager.inventory import Inventory
 from services.stagemanager.ivs import (
     TAG_CLUSTER,
@@ -344,9 +345,7 @@ class RoomManager:
         self._inventory.remove_stage(stage)
 
     async def close(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await cancel_and_wait(self._background)
 
 
 def _index_tag(tags: dict[str, str] | object) -> int:

@@ -14,6 +14,7 @@ from protos.fanout.v1 import allocator_pb2_grpc, stagemanager_pb2, stagemanager_
 from services.common.errors import FanoutError
 from services.common.grpc_server import GrpcServer, GrpcServerMetrics, start_grpc_server
 from services.common.ivs_calls import CallBudget, IvsCaller, IvsMetrics
+from services.common.lifecycle import cancel_and_wait
 from services.stagemanager.autoscaler import Autoscaler
 from services.stagemanager.config import StageManagerSettings
 from services.stagemanager.inventory import Inventory
@@ -41,9 +42,7 @@ class StageManagerService:
         return self.grpc.port
 
     async def stop(self, grace: float) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_and_wait(self.tasks)
         await self.grpc.stop(grace)
         await self.rooms.close()
         self.caller.close()

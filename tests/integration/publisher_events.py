@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ import jwt
 from protos.fanout.v1 import allocator_pb2, stagemanager_pb2
 from services.common.jwt_es384 import decode_unverified
 from tests.integration.system import System
+from tools.sse_client import read_events
 
 
 @dataclass
@@ -63,15 +63,9 @@ class Broadcaster:
         ):
             assert response.status == 200, await response.text()
             assert response.headers["Content-Type"].startswith("text/event-stream")
-            name = ""
-            async for raw in response.content:
-                line = raw.decode().rstrip("\n")
-                if line.startswith("event: "):
-                    name = line[len("event: ") :]
-                elif line.startswith("data: "):
-                    data = json.loads(line[len("data: ") :])
-                    self.events.append((name, data))
-                    await self._handle(name, data)
+            async for name, data in read_events(response):
+                self.events.append((name, data))
+                await self._handle(name, data)
 
     async def _handle(self, name: str, data: dict[str, Any]) -> None:
         if name == "snapshot":
