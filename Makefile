@@ -31,11 +31,12 @@ $(SDK_JS):
 
 setup: $(BIN)/.installed $(SDK_JS) ## Create the virtualenv, install pinned dependencies, vendor the IVS web SDK
 
-# The tests drive a real Chromium and a real Prometheus; both come from Debian's packages.
-system-deps: ## Install the Debian packages the tests drive (chromium, prometheus) if they are missing
+# The tests drive a real Chromium, a real Prometheus and private redis-servers; all from Debian's packages.
+system-deps: ## Install the Debian packages the tests drive (chromium, prometheus, redis-server) if they are missing
 	@missing=(); \
 	command -v chromium >/dev/null 2>&1 || missing+=(chromium); \
 	command -v promtool >/dev/null 2>&1 || missing+=(prometheus); \
+	command -v redis-server >/dev/null 2>&1 || missing+=(redis-server); \
 	if [ $${#missing[@]} -gt 0 ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing $${missing[*]}"; \

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import uuid
 from collections import Counter
@@ -31,40 +30,40 @@ from tests.integration.system import (
 from tests.integration.test_viewers import room_info, start_show
 from tests.unit.test_lease_store import LEASE, ROOM, T0, LeaseStoreContract, stage
 
-REDIS_URL = os.environ.get("FANOUT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
 
 def unique_namespace() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
 
 
-async def delete_namespace(namespace: str) -> None:
-    async with redis.Redis.from_url(REDIS_URL) as client:
+async def delete_namespace(redis_url: str, namespace: str) -> None:
+    async with redis.Redis.from_url(redis_url) as client:
         keys = [key async for key in client.scan_iter(match=f"fanout:{namespace}:*", count=1000)]
         if keys:
             await client.delete(*keys)
 
 
 @pytest.fixture
-async def namespace() -> AsyncIterator[str]:
+async def namespace(redis_url: str) -> AsyncIterator[str]:
     name = unique_namespace()
     yield name
-    await delete_namespace(name)
+    await delete_namespace(redis_url, name)
 
 
 class TestRedisLeaseStore(LeaseStoreContract):
     @pytest.fixture
-    async def store(self, namespace: str) -> AsyncIterator[LeaseStore]:
-        store = RedisLeaseStore(open_redis_client(REDIS_URL), namespace)
+    async def store(self, redis_url: str, namespace: str) -> AsyncIterator[LeaseStore]:
+        store = RedisLeaseStore(open_redis_client(redis_url), namespace)
         yield store
         await store.close()  # a second close (a test may close first) is harmless
 
 
-async def test_keys_stay_under_the_namespace_with_the_room_as_hash_tag(namespace: str) -> None:
-    store = RedisLeaseStore(open_redis_client(REDIS_URL), namespace)
+async def test_keys_stay_under_the_namespace_with_the_room_as_hash_tag(
+    redis_url: str, namespace: str
+) -> None:
+    store = RedisLeaseStore(open_redis_client(redis_url), namespace)
     await store.assign(ROOM, "u1", [stage(0)], {stage(0).stage_arn}, 1, 1, LEASE, T0)
     await store.close()
-    async with redis.Redis.from_url(REDIS_URL) as client:
+    async with redis.Redis.from_url(redis_url) as client:
         keys = sorted([key.decode() async for key in client.scan_iter(match=f"fanout:{namespace}:*")])
     assert keys, "the store wrote nothing"
     room_keys = [key for key in keys if ":room:" in key]
@@ -77,11 +76,11 @@ async def test_keys_stay_under_the_namespace_with_the_room_as_hash_tag(namespace
     [(0, 40, 120, 300), (1, 20, 50, 300), (2, 5, 70, 200), (3, 30, 100, 360)],
 )
 async def test_replicas_racing_never_overfill_and_stay_balanced(
-    namespace: str, seed: int, soft: int, hard: int, viewers: int
+    redis_url: str, namespace: str, seed: int, soft: int, hard: int, viewers: int
 ) -> None:
     """Two stores on two clients, as two allocator replicas; every request of a storm in flight at once."""
     rng = random.Random(seed)
-    replicas = [RedisLeaseStore(open_redis_client(REDIS_URL), namespace) for _ in range(2)]
+    replicas = [RedisLeaseStore(open_redis_client(redis_url), namespace) for _ in range(2)]
     cands = [stage(i) for i in range(3)]
     keep_on = {c.stage_arn for c in cands}
     # Every viewer asks once; a third of them ask again (through either replica) while the storm goes on.
@@ -121,8 +120,10 @@ async def test_replicas_racing_never_overfill_and_stay_balanced(
             await replica.close()
 
 
-async def test_a_replica_sees_what_the_other_expired_and_reap_reports_it_once(namespace: str) -> None:
-    one, other = (RedisLeaseStore(open_redis_client(REDIS_URL), namespace) for _ in range(2))
+async def test_a_replica_sees_what_the_other_expired_and_reap_reports_it_once(
+    redis_url: str, namespace: str
+) -> None:
+    one, other = (RedisLeaseStore(open_redis_client(redis_url), namespace) for _ in range(2))
     a = stage(0)
     try:
         assert await one.assign(ROOM, "u1", [a], {a.stage_arn}, 1, 1, LEASE, T0) is not None
@@ -138,8 +139,8 @@ async def test_a_replica_sees_what_the_other_expired_and_reap_reports_it_once(na
         await other.close()
 
 
-def redis_env(namespace: str) -> dict[str, str]:
-    return {"FANOUT_STORE": "redis", "FANOUT_REDIS_URL": REDIS_URL, "FANOUT_CLUSTER_ID": namespace}
+def redis_env(redis_url: str, namespace: str) -> dict[str, str]:
+    return {"FANOUT_STORE": "redis", "FANOUT_REDIS_URL": redis_url, "FANOUT_CLUSTER_ID": namespace}
 
 
 async def join(http: aiohttp.ClientSession, system: System, user: str) -> dict:
@@ -149,10 +150,12 @@ async def join(http: aiohttp.ClientSession, system: System, user: str) -> dict:
         return body
 
 
-async def test_a_restarted_allocator_keeps_every_lease(tmp_path: Path, namespace: str) -> None:
+async def test_a_restarted_allocator_keeps_every_lease(
+    tmp_path: Path, redis_url: str, namespace: str
+) -> None:
     """DESIGN §11: kill the allocator mid-storm, start a new one: no lease lost, stickiness intact."""
     async with (
-        running_system(tmp_path, FANOUT_MIN_STAGES="3", **redis_env(namespace)) as system,
+        running_system(tmp_path, FANOUT_MIN_STAGES="3", **redis_env(redis_url, namespace)) as system,
         aiohttp.ClientSession() as http,
     ):
         await start_show(http, system)
@@ -185,9 +188,11 @@ async def test_a_restarted_allocator_keeps_every_lease(tmp_path: Path, namespace
     assert [body["stageArn"] for body in again] == [placed[user] for user in users[:10]]
 
 
-async def test_two_allocators_at_once_share_one_occupancy(tmp_path: Path, namespace: str) -> None:
+async def test_two_allocators_at_once_share_one_occupancy(
+    tmp_path: Path, redis_url: str, namespace: str
+) -> None:
     async with (
-        running_system(tmp_path, FANOUT_MIN_STAGES="2", **redis_env(namespace)) as system,
+        running_system(tmp_path, FANOUT_MIN_STAGES="2", **redis_env(redis_url, namespace)) as system,
         aiohttp.ClientSession() as http,
     ):
         await start_show(http, system)
@@ -228,7 +233,7 @@ async def test_an_allocator_without_its_redis_does_not_serve(
     system: System, caplog: pytest.LogCaptureFixture
 ) -> None:
     unreachable = f"redis://127.0.0.1:{free_port()}/0"
-    env = {**system.env, **redis_env(unique_namespace()), "FANOUT_REDIS_URL": unreachable}
+    env = {**system.env, **redis_env(unreachable, unique_namespace())}
     alone = await start_allocator_for(
         {**env, "FANOUT_ALLOCATOR_LISTEN": "127.0.0.1:0"}, system.stagemanager_service.port
     )
