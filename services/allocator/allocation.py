@@ -101,6 +101,9 @@ class Allocator:
         check_room_id(room)
         if not self._inventory.has_room(room):
             raise NotFound(f"room {room} does not exist", code="room_not_found")
+        if self._inventory.is_ending(room):
+            # The same answer as no room at all: a watch page waits for the next show either way.
+            raise NotFound(f"room {room} has ended", code="room_not_found")
 
     async def assign_viewer(self, room: str, user_id: str) -> ViewerPlacement:
         started = time.perf_counter()
@@ -243,8 +246,16 @@ class Allocator:
             {r.room: r.viewers for r in occupancy.rooms},
         )
 
-    async def forget_stages(self, stages: list[StageView]) -> None:
+    async def stages_removed(self, stages: list[StageView]) -> None:
         """Leases on a deleted Stage end with it."""
         for stage in stages:
             self._observed.forget(stage.arn)
             await self._store.drop_stage(stage.room, stage.arn)
+
+    async def room_ended(self, room: str, stages: list[StageView]) -> None:
+        """Every lease of an ended room ends, on whichever Stage it was (known here or not)."""
+        for stage in stages:
+            self._observed.forget(stage.arn)
+        dropped = await self._store.drop_room(room)
+        if dropped:
+            log.info("room %s ended: released %d viewer lease(s)", room, dropped)

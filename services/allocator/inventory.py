@@ -26,6 +26,8 @@ class StageInventory:
 
     def __init__(self) -> None:
         self._rooms: dict[str, dict[str, StageView]] = {}
+        # Rooms being ended: their Stages are going and no viewer is placed there any more.
+        self._ending: set[str] = set()
         self._revision = 0
         # Replaced on every change: waiters hold the old one, which is set (a broadcast with no task).
         self._changed = asyncio.Event()
@@ -36,6 +38,9 @@ class StageInventory:
 
     def has_room(self, room: str) -> bool:
         return room in self._rooms
+
+    def is_ending(self, room: str) -> bool:
+        return room in self._ending
 
     def stages(self, room: str) -> list[StageView]:
         return sorted(self._rooms.get(room, {}).values(), key=lambda stage: stage.index)
@@ -50,20 +55,33 @@ class StageInventory:
         return live or [stage for stage in stages if stage.state == "STANDBY"]
 
     def replace_all(
-        self, rooms: Iterable[str], stages: Iterable[StageView], revision: int
-    ) -> list[StageView]:
-        """Applies a snapshot; returns the Stages that disappeared with it."""
-        before = {stage.arn: stage for room in self._rooms.values() for stage in room.values()}
+        self, rooms: Iterable[str], ending: Iterable[str], stages: Iterable[StageView], revision: int
+    ) -> None:
+        """Applies a complete snapshot: what it lacks does not exist."""
         self._rooms = {room: {} for room in rooms}
+        self._ending = set(ending) & set(self._rooms)
         for stage in stages:
             if stage.arn:
                 self._rooms.setdefault(stage.room, {})[stage.arn] = stage
-        after = {arn for room in self._rooms.values() for arn in room}
         self._set_revision(revision)
-        return [stage for arn, stage in before.items() if arn not in after]
 
-    def put_room(self, room: str, revision: int) -> None:
+    def merge(
+        self, rooms: Iterable[str], ending: Iterable[str], stages: Iterable[StageView], revision: int
+    ) -> None:
+        """Applies a partial snapshot: what it holds is true, what it lacks may still exist."""
+        for room in rooms:
+            self._rooms.setdefault(room, {})
+        self._ending |= set(ending)
+        for stage in stages:
+            self.put_stage(stage, revision)
+        self._set_revision(revision)
+
+    def put_room(self, room: str, revision: int, ending: bool = False) -> None:
         self._rooms.setdefault(room, {})
+        if ending:
+            self._ending.add(room)
+        else:
+            self._ending.discard(room)
         self._set_revision(revision)
 
     def put_stage(self, stage: StageView, revision: int) -> None:
@@ -79,6 +97,7 @@ class StageInventory:
 
     def remove_room(self, room: str, revision: int) -> list[StageView]:
         removed = list(self._rooms.pop(room, {}).values())
+        self._ending.discard(room)
         self._set_revision(revision)
         return removed
 

@@ -200,6 +200,20 @@ return #users
 """
 )
 
+# ARGV: 1 stage prefix. Returns how many leases the room had. Every non-empty per-Stage set has a
+# field in counts, so no key is left behind.
+_DROP_ROOM = (
+    _COMMON
+    + """
+for _, arn in ipairs(redis.call('HKEYS', counts)) do
+  redis.call('DEL', stage_prefix .. arn)
+end
+local n = redis.call('HLEN', leases)
+redis.call('DEL', leases, expiry, counts)
+return n
+"""
+)
+
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -220,6 +234,7 @@ class RedisLeaseStore:
         self._counts = client.register_script(_COUNTS)
         self._reap = client.register_script(_REAP)
         self._drop_stage = client.register_script(_DROP_STAGE)
+        self._drop_room = client.register_script(_DROP_ROOM)
 
     def _room_keys(self, room: str) -> tuple[list[str], str]:
         base = f"{self._prefix}room:{{{room}}}:"
@@ -319,6 +334,10 @@ class RedisLeaseStore:
     async def drop_stage(self, room: str, stage_arn: str) -> int:
         keys, stage_prefix = self._room_keys(room)
         return int(await self._drop_stage(keys, [stage_prefix, stage_arn]))
+
+    async def drop_room(self, room: str) -> int:
+        keys, stage_prefix = self._room_keys(room)
+        return int(await self._drop_room(keys, [stage_prefix]))
 
     async def joins(self) -> dict[str, int]:
         rooms = sorted(_text(room) for room in await self._client.smembers(self._joined_key))

@@ -21,21 +21,23 @@ from services.allocator.redis_store import RedisLeaseStore
 from services.allocator.servicer import AllocatorServicer
 from services.allocator.signing_key import load_or_create_private_key, load_private_key
 from services.allocator.store import LeaseStore, MemoryLeaseStore
+from services.allocator.store_guard import GuardedLeaseStore
 from services.allocator.tokens import ApiMinter, SelfSignedMinter, TokenMinter
 from services.allocator.watcher import InventoryWatcher
-from services.common.errors import Unavailable
+from services.common.errors import FanoutError, Unavailable
 from services.common.grpc_server import GrpcServer, GrpcServerMetrics, start_grpc_server
 from services.common.ivs_calls import CallBudget, IvsCaller, IvsMetrics
 from services.common.jwt_es384 import public_key_pem
 from services.common.lifecycle import cancel_and_wait
+from services.common.timeouts import STORE_CALL_SECONDS, STORE_PROBE_SECONDS
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = allocator_pb2.DESCRIPTOR.services_by_name["Allocator"].full_name
 REAP_INTERVAL_SECONDS = 1.0
-REDIS_CHECK_SECONDS = 2.0
-REDIS_RETRY_MAX_SECONDS = 10.0
 REDIS_MAX_CONNECTIONS = 64
+# What an unreachable Redis looks like; any other RedisError (a script error) is a bug, not an outage.
+REDIS_OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
 
 
 @dataclass
@@ -83,14 +85,15 @@ async def build_minter(settings: AllocatorSettings, token_api: IvsTokenApi) -> T
 
 
 def open_redis_client(url: str) -> redis.Redis:
-    """A client whose requests wait for a free connection (up to 64) rather than fail in a burst."""
+    """A client whose requests wait for a free connection (up to 64) rather than fail in a burst;
+    no wait (for a connection, a connect or an answer) outlasts one store call's deadline."""
     pool = redis.BlockingConnectionPool.from_url(
         url,
         max_connections=REDIS_MAX_CONNECTIONS,
-        timeout=5,
+        timeout=STORE_CALL_SECONDS,
         health_check_interval=30,
-        socket_connect_timeout=5,
-        socket_timeout=5,
+        socket_connect_timeout=STORE_CALL_SECONDS,
+        socket_timeout=STORE_CALL_SECONDS,
     )
     return redis.Redis.from_pool(pool)
 
@@ -98,7 +101,13 @@ def open_redis_client(url: str) -> redis.Redis:
 def open_store(settings: AllocatorSettings) -> LeaseStore:
     """The configured lease store; the Redis client is created here, and only for the Redis store."""
     if settings.store == "redis" and settings.redis_url:
-        return RedisLeaseStore(open_redis_client(settings.redis_url), settings.cluster_id)
+        return GuardedLeaseStore(
+            RedisLeaseStore(open_redis_client(settings.redis_url), settings.cluster_id),
+            REDIS_OUTAGES,
+            call_timeout=STORE_CALL_SECONDS,
+            probe_interval=STORE_PROBE_SECONDS,
+            name="Redis lease store",
+        )
     return MemoryLeaseStore()
 
 
@@ -119,7 +128,7 @@ async def start_allocator(
     metrics = AllocatorMetrics(registry, settings.placement.soft_capacity, settings.placement.hard_limit)
     allocator = Allocator(inventory, store, minter, settings.placement, metrics)
     watcher = InventoryWatcher(
-        stagemanager_pb2_grpc.StageManagerStub(stagemanager_channel), inventory, allocator.forget_stages
+        stagemanager_pb2_grpc.StageManagerStub(stagemanager_channel), inventory, allocator
     )
 
     def register(server: grpc.aio.Server) -> None:
@@ -138,34 +147,11 @@ async def start_allocator(
 
 async def _serve_when_ready(watcher: InventoryWatcher, server: GrpcServer, store: LeaseStore) -> None:
     await watcher.ready.wait()
-    if not isinstance(store, RedisLeaseStore):
+    if isinstance(store, GuardedLeaseStore):
+        # SERVING only while the store answers: without it no viewer can be placed.
+        await store.watch(server.set_serving)
+    else:
         await server.set_serving(True)
-        return
-    # SERVING only while Redis answers: without it no viewer can be placed.
-    delay = 0.1
-    outage = False
-    serving = False
-    while True:
-        try:
-            await store.ping()
-        except (redis.RedisError, OSError) as error:
-            if not outage:
-                log.warning("Redis lease store unreachable (%s); not serving until it answers", error)
-                outage = True
-            if serving:
-                await server.set_serving(False)
-                serving = False
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, REDIS_RETRY_MAX_SECONDS)
-            continue
-        if outage:
-            log.info("Redis lease store reachable again")
-            outage = False
-        delay = 0.1
-        if not serving:
-            await server.set_serving(True)
-            serving = True
-        await asyncio.sleep(REDIS_CHECK_SECONDS)
 
 
 async def _reap_forever(allocator: Allocator) -> None:
@@ -175,5 +161,7 @@ async def _reap_forever(allocator: Allocator) -> None:
         try:
             await allocator.reap_expired()
             await allocator.refresh_metrics()
+        except FanoutError:
+            pass  # the store's outage is logged once where it is detected; reaping resumes after it
         except Exception:
             log.exception("lease reaping failed; retrying")

@@ -83,8 +83,16 @@ class LeaseStore(Protocol):
         """Removes all leases on a deleted Stage; returns how many were removed."""
         ...
 
+    async def drop_room(self, room: str) -> int:
+        """Removes every lease of an ended room, on any Stage; returns how many were removed."""
+        ...
+
     async def joins(self) -> dict[str, int]:
         """New placements (not sticky renewals) per room since the store began: the join rate's source."""
+        ...
+
+    async def ping(self) -> None:
+        """Returns when the store answers; raises the backend's error otherwise."""
         ...
 
     async def close(self) -> None: ...
@@ -208,8 +216,15 @@ class MemoryLeaseStore:
         self._forget_if_empty(room, state)
         return len(users)
 
+    async def drop_room(self, room: str) -> int:
+        state = self._rooms.pop(room, None)
+        return len(state.leases) if state else 0
+
     async def joins(self) -> dict[str, int]:
         return dict(self._joins)
+
+    async def ping(self) -> None:
+        """Always answers: it lives in this process."""
 
     async def close(self) -> None:
         """Nothing to release: the leases die with the process."""

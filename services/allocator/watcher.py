@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from typing import Protocol
 
 import grpc
 
 from protos.fanout.v1 import common_pb2, stagemanager_pb2, stagemanager_pb2_grpc
 from services.allocator.inventory import StageInventory, StageView
+from services.common.errors import FanoutError
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +29,31 @@ def stage_from_proto(stage: common_pb2.Stage) -> StageView:
     )
 
 
+class RemovalListener(Protocol):
+    """Told of explicit removals only: the leases on what is gone end with it."""
+
+    async def stages_removed(self, stages: list[StageView]) -> None: ...
+
+    async def room_ended(self, room: str, stages: list[StageView]) -> None: ...
+
+
 class InventoryWatcher:
-    """Keeps a StageInventory in step with the stage manager; `ready` once the first snapshot is in."""
+    """Keeps a StageInventory in step with the stage manager; `ready` once a complete snapshot is in.
+
+    A Stage missing from a snapshot is dropped from the inventory but its leases stay: only an
+    explicit stage_removed or room_ended ends leases. A restarted stage manager's snapshot must never
+    cost viewers their seats, even if it were partial.
+    """
 
     def __init__(
         self,
         stub: stagemanager_pb2_grpc.StageManagerStub,
         inventory: StageInventory,
-        on_removed: Callable[[list[StageView]], Awaitable[None]],
+        listener: RemovalListener,
     ) -> None:
         self._stub = stub
         self._inventory = inventory
-        self._on_removed = on_removed
+        self._listener = listener
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
@@ -58,20 +73,34 @@ class InventoryWatcher:
     async def _apply(self, event: stagemanager_pb2.RoomEvent) -> None:
         kind = event.WhichOneof("event")
         inventory = self._inventory
-        removed: list[StageView] = []
         if kind == "snapshot":
-            rooms = [room.room for room in event.snapshot.rooms]
-            stages = [stage_from_proto(s) for room in event.snapshot.rooms for s in room.stages]
-            removed = inventory.replace_all(rooms, stages, event.revision)
-            self.ready.set()
+            snapshot = event.snapshot
+            rooms = [room.room for room in snapshot.rooms]
+            ending = [room.room for room in snapshot.rooms if room.ending]
+            stages = [stage_from_proto(s) for room in snapshot.rooms for s in room.stages]
+            if snapshot.complete:
+                inventory.replace_all(rooms, ending, stages, event.revision)
+                self.ready.set()
+            else:
+                inventory.merge(rooms, ending, stages, event.revision)
         elif kind in ("stage_added", "stage_changed"):
             inventory.put_stage(stage_from_proto(getattr(event, kind)), event.revision)
         elif kind == "stage_removed":
-            gone = inventory.remove_stage(event.stage_removed.room, event.stage_removed.arn, event.revision)
-            removed = [gone] if gone else []
+            removed = event.stage_removed
+            gone = inventory.remove_stage(removed.room, removed.arn, event.revision)
+            if removed.arn:
+                # Known or not (this allocator may have started since), its leases end with it.
+                await self._tell(self._listener.stages_removed([gone or stage_from_proto(removed)]))
         elif kind == "room_changed":
-            inventory.put_room(event.room_changed.room, event.revision)
+            inventory.put_room(event.room_changed.room, event.revision, ending=event.room_changed.ending)
         elif kind == "room_ended":
-            removed = inventory.remove_room(event.room_ended.room, event.revision)
-        if removed:
-            await self._on_removed(removed)
+            room = event.room_ended.room
+            await self._tell(self._listener.room_ended(room, inventory.remove_room(room, event.revision)))
+
+    @staticmethod
+    async def _tell(call: Awaitable[None]) -> None:
+        try:
+            await call
+        except FanoutError as error:
+            # The stream goes on: those leases still lapse once their viewers stop renewing them.
+            log.warning("leases of a removed Stage were not ended: %s", error.message)

@@ -199,13 +199,18 @@ class Autoscaler:
 
     async def _scale_room(self, room: RoomRecord, load: RoomLoad, now: float) -> None:
         settings = self._settings
-        if all(s.state is StageState.DELETING for s in room.stages.values()) and room.stages:
-            return  # ending
+        if room.ending:
+            return
         state = self._state.setdefault(room.room, _RoomState(JoinRate(settings.join_rate_window_seconds)))
         if not room.publishing and now - max(room.active_at, room.created_at) > settings.room_idle_seconds:
             log.info("room %s ends: no publisher for %.0f s", room.room, settings.room_idle_seconds)
             self._metrics.autoscaler_decisions.labels(room.room, "end_idle").inc()
-            await self._rooms.end_room(room.room)
+            try:
+                await self._rooms.end_room(room.room)
+            except FanoutError as error:
+                log.warning(
+                    "room %s: cannot end it yet (%s); trying again next tick", room.room, error.message
+                )
             return
         self._track_quota(room, state, now)
         rate = state.join_rate.add(now, load.joins_total)

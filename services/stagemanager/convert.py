@@ -37,6 +37,7 @@ def room_to_proto(room: RoomRecord) -> common_pb2.Room:
         publishing=room.publishing,
         created_at=timestamp(room.created_at),
         last_error=room.last_error,
+        ending=room.ending,
     )
 
 

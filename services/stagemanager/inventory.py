@@ -106,6 +106,11 @@ class Inventory:
             record.last_error = message
             self._emit(ChangeKind.ROOM_CHANGED, room, room_record=record.copy(with_stages=False))
 
+    def set_room_ending(self, room: str) -> None:
+        record = self._rooms[room]
+        record.ending = True
+        self._emit(ChangeKind.ROOM_CHANGED, room, room_record=record.copy(with_stages=False))
+
     def room_publishing_changed(self, room: str) -> None:
         self._emit(ChangeKind.ROOM_CHANGED, room, room_record=self._rooms[room].copy(with_stages=False))
 

@@ -18,6 +18,9 @@ TAG_ROOM = "fanout:room"
 TAG_INDEX = "fanout:index"
 TAG_ROLE = "fanout:role"
 TAG_DRAINING = "fanout:draining"
+# On one Stage of a room being ended: a restarted stage manager finishes the ending instead of
+# adopting the room's remaining Stages as a live pool.
+TAG_ENDING = "fanout:ending"
 
 
 class StageQuotaExceeded(NoCapacity):
@@ -78,6 +81,13 @@ class StageApi:
 
     async def untag_draining(self, arn: str) -> None:
         await self._tag_call("UntagResource", resourceArn=arn, tagKeys=[TAG_DRAINING])
+
+    async def tag_ending(self, arn: str) -> None:
+        """Records in IVS that the Stage's room is ending; unlike the drain tag, failing it fails the end."""
+        try:
+            await self._caller.call("TagResource", resourceArn=arn, tags={TAG_ENDING: "true"})
+        except (ClientError, BotoCoreError) as error:
+            raise _translate("TagResource", error) from error
 
     async def _tag_call(self, operation: str, **params: object) -> None:
         # The tag only helps recovery after a restart; failing it must not fail the drain.

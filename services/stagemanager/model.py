@@ -56,6 +56,8 @@ class RoomRecord:
     last_error: str = ""
     # The last sign of a broadcaster (publisher tokens asked for, publishing): idle rooms end.
     active_at: float = 0.0
+    # Being ended: recorded in IVS (a tag) before any Stage is deleted, so a restart finishes the job.
+    ending: bool = False
 
     @property
     def publishing(self) -> bool:
@@ -69,4 +71,4 @@ class RoomRecord:
 
     def copy(self, with_stages: bool = True) -> RoomRecord:
         stages = {index: stage.copy() for index, stage in self.stages.items()} if with_stages else {}
-        return RoomRecord(self.room, self.created_at, stages, self.last_error, self.active_at)
+        return dataclasses.replace(self, stages=stages)

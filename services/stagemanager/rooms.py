@@ -16,6 +16,7 @@ from services.stagemanager.inventory import Inventory
 from services.stagemanager.ivs import (
     TAG_CLUSTER,
     TAG_DRAINING,
+    TAG_ENDING,
     TAG_INDEX,
     TAG_ROLE,
     TAG_ROOM,
@@ -65,23 +66,32 @@ class RoomManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._recovered = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        # CreateStage calls in flight per room: an ending waits for them, so none outlives its room.
+        self._provisioning: dict[str, set[asyncio.Task[None]]] = {}
 
     @property
     def recovered(self) -> bool:
         return self._recovered.is_set()
 
+    async def wait_recovered(self) -> None:
+        await self._recovered.wait()
+
     def _lock(self, room: str) -> asyncio.Lock:
         return self._locks.setdefault(room, asyncio.Lock())
 
     def _require_recovered(self) -> None:
-        # Creating Stages before the inventory is rebuilt could duplicate the ones IVS already has.
+        # Before the inventory is rebuilt, a missing room or Stage may still exist in IVS: creating
+        # Stages could duplicate them, and "not found" could be a lie.
         if not self._recovered.is_set():
             raise Unavailable("the stage manager is still recovering its inventory", retry_after=2)
 
     async def recover(self) -> int:
-        """Adopts this cluster's Stages from IVS (tags), ignoring every other Stage. Returns the count."""
+        """Adopts this cluster's Stages from IVS (tags), ignoring every other Stage, and finishes the
+        ending of rooms that were being ended. Safe to call again after a failure. Returns the count."""
         found = await self._stages.list_cluster_stages(self._settings.cluster_id)
         now = self._clock()
+        # A room with an ending tag on any Stage was being ended: it is deleted, never revived.
+        endings = {s.tags.get(TAG_ROOM, ""): s.arn for s in found if s.tags.get(TAG_ENDING)}
         adopted = 0
         for summary in sorted(found, key=lambda s: (s.tags.get(TAG_ROOM, ""), _index_tag(s.tags))):
             room_id = summary.tags.get(TAG_ROOM, "")
@@ -90,23 +100,32 @@ class RoomManager:
             except FanoutError:
                 log.warning("ignoring Stage %s: its %s tag is not a room id", summary.arn, TAG_ROOM)
                 continue
+            room = self._inventory.room(room_id)
+            if room is not None and room.stage_by_arn(summary.arn) is not None:
+                continue  # adopted by an earlier attempt that failed further on
             try:
                 described = await self._stages.get_stage(summary.arn)
             except NotFound:
                 continue
-            room = self._inventory.room(room_id)
+            ending = room_id in endings
             if room is None:
-                room = RoomRecord(room=room_id, created_at=now)
+                room = RoomRecord(room=room_id, created_at=now, ending=ending)
                 self._inventory.add_room(room)
             index = _index_tag(summary.tags)
             if index < 0 or index in room.stages:
                 index = room.next_index()
+            if ending:
+                state = StageState.DELETING
+            elif summary.tags.get(TAG_DRAINING):
+                state = StageState.DRAINING
+            else:
+                # Publishing is not known until the page or the monitor says so.
+                state = StageState.STANDBY
             self._inventory.add_stage(
                 StageRecord(
                     room=room_id,
                     index=index,
-                    # Publishing is not known until the page or the monitor says so.
-                    state=StageState.DRAINING if summary.tags.get(TAG_DRAINING) else StageState.STANDBY,
+                    state=state,
                     created_at=now,
                     role=summary.tags.get(TAG_ROLE, "origin"),
                     arn=described.arn,
@@ -117,6 +136,10 @@ class RoomManager:
             )
             room.active_at = now
             adopted += 1
+        for room_id, marker in sorted(endings.items()):
+            if self._inventory.room(room_id) is not None:
+                log.info("room %s was being ended: finishing the ending", room_id)
+                self._spawn(self._delete_room(room_id, marker))
         self._recovered.set()
         log.info("recovered %d Stage(s) in %d room(s)", adopted, len(self._inventory.rooms()))
         return adopted
@@ -125,7 +148,9 @@ class RoomManager:
         """Creates the room (or tops it up) to the minimum pool; returns (room, created, revision)."""
         check_room_id(room_id)
         self._require_recovered()
+        self._refuse_if_ending(room_id)
         async with self._lock(room_id):
+            self._refuse_if_ending(room_id)
             room = self._inventory.room(room_id)
             created = room is None
             if room is None:
@@ -147,6 +172,15 @@ class RoomManager:
                 raise NoCapacity(f"room {room_id} has no Stage: {error}", code="no_stage", retry_after=30)
             return room.copy(), created, self._inventory.revision
 
+    def _refuse_if_ending(self, room_id: str) -> None:
+        room = self._inventory.room(room_id)
+        if room is not None and room.ending:
+            raise Unavailable(
+                f"room {room_id} is ending; it can start again once its Stages are deleted",
+                code="room_ending",
+                retry_after=2,
+            )
+
     def create_stages(self, room: RoomRecord, count: int) -> list[asyncio.Task[None]]:
         """Adds `count` PROVISIONING Stages at once and provisions them in the background."""
         tasks = []
@@ -159,7 +193,11 @@ class RoomManager:
                 during_show=room.publishing,
             )
             self._inventory.add_stage(record)
-            tasks.append(self._spawn(self._provision(room, record)))
+            task = self._spawn(self._provision(room, record))
+            in_flight = self._provisioning.setdefault(room.room, set())
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            tasks.append(task)
         return tasks
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -195,7 +233,8 @@ class RoomManager:
                 arn=created.arn,
                 events_url=created.events_url,
                 whip_url=created.whip_url,
-                state=StageState.STANDBY,
+                # Made for a room that began ending meanwhile: the ending deletes it.
+                state=StageState.DELETING if record.state is StageState.DELETING else StageState.STANDBY,
                 ready_at=self._clock(),
             )
             self._inventory.set_room_error(room.room, "")
@@ -219,18 +258,21 @@ class RoomManager:
 
     def get_room(self, room_id: str) -> tuple[RoomRecord, int]:
         check_room_id(room_id)
+        self._require_recovered()
         room = self._inventory.room(room_id)
         if room is None:
             raise NotFound(f"room {room_id} does not exist", code="room_not_found")
         return room.copy(), self._inventory.revision
 
     def list_rooms(self) -> tuple[list[RoomRecord], int]:
+        self._require_recovered()
         return [room.copy() for room in self._inventory.rooms()], self._inventory.revision
 
     async def report_publisher_status(self, room_id: str, arn: str, publishing: bool) -> StageRecord:
         """The broadcaster's fast path: STANDBY becomes LIVE when it publishes, and back when it stops."""
         check_room_id(room_id)
         check_stage_arn(arn)
+        self._require_recovered()
         room = self._inventory.room(room_id)
         if room is None:
             raise NotFound(f"room {room_id} does not exist", code="room_not_found")
@@ -263,6 +305,7 @@ class RoomManager:
         for observation in observations:
             check_room_id(observation.room)
             check_stage_arn(observation.stage_arn)
+        self._require_recovered()
         for observation in observations:
             room = self._inventory.room(observation.room)
             stage = room.stage_by_arn(observation.stage_arn) if room else None
@@ -281,19 +324,41 @@ class RoomManager:
                 self._set_publishing(room, stage, False, observation.observed_at)
 
     async def end_room(self, room_id: str) -> None:
-        """Marks every Stage DELETING at once, then deletes them within the call budget."""
+        """Records the ending in IVS first (a tag on one Stage), then marks every Stage DELETING and
+        deletes them within the call budget. Idempotent. If recording fails nothing changes; once it
+        succeeded, a restarted stage manager finishes the ending (see `recover`)."""
         check_room_id(room_id)
         self._require_recovered()
         room = self._inventory.room(room_id)
         if room is None:
             raise NotFound(f"room {room_id} does not exist", code="room_not_found")
-        if all(stage.state is StageState.DELETING for stage in room.stages.values()) and room.stages:
+        if room.ending:
             return
+        marker = await self._record_ending(room)
+        if room.ending or self._inventory.room(room_id) is not room:
+            return  # another EndRoom got there during the call
+        self._inventory.set_room_ending(room_id)
         for stage in room.stages.values():
             if stage.state is not StageState.DELETING:
                 self._inventory.update_stage(stage, state=StageState.DELETING, publishing=False)
         log.info("room %s ending: deleting %d Stage(s)", room_id, len(room.stages))
-        self._spawn(self._delete_room(room_id))
+        self._spawn(self._delete_room(room_id, marker))
+
+    async def _record_ending(self, room: RoomRecord) -> str:
+        """Tags one existing Stage as the room's ending marker; returns its ARN ("" if none exists yet)."""
+        # A Stage taking viewers cannot be retired by the autoscaler meanwhile; a draining one could.
+        order = {StageState.LIVE: 0, StageState.STANDBY: 0, StageState.DRAINING: 1}
+        candidates = sorted(
+            (s for s in room.stages.values() if s.arn and s.state in order),
+            key=lambda s: (order[s.state], s.index),
+        )
+        for stage in candidates:
+            try:
+                await self._stages.tag_ending(stage.arn)
+            except NotFound:
+                continue  # deleted meanwhile: another Stage carries the mark
+            return stage.arn
+        return ""
 
     def reactivate(self, stage: StageRecord) -> None:
         """A DRAINING Stage takes viewers again: cheaper than creating one when demand returns."""
@@ -321,27 +386,34 @@ class RoomManager:
         if stage.state is StageState.FAILED:
             self._inventory.remove_stage(stage)
 
-    async def _delete_room(self, room_id: str) -> None:
+    async def _delete_room(self, room_id: str, marker_arn: str) -> None:
+        """Deletes every Stage of an ending room, the one carrying the ending mark last."""
         async with self._lock(room_id):
             room = self._inventory.room(room_id)
             if room is None:
                 return
-            await asyncio.gather(*(self._delete_stage(stage) for stage in list(room.stages.values())))
+            # A Stage still being created would otherwise outlive its room, untagged and adoptable.
+            await asyncio.gather(*self._provisioning.get(room_id, ()), return_exceptions=True)
+            stages = list(room.stages.values())
+            marked = [s for s in stages if marker_arn and s.arn == marker_arn]
+            await asyncio.gather(*(self._delete_stage(s) for s in stages if s not in marked))
+            await asyncio.gather(*(self._delete_stage(s) for s in marked))
             if not room.stages:
                 self._inventory.end_room(room_id)
+                self._provisioning.pop(room_id, None)
                 log.info("room %s ended", room_id)
 
     async def _delete_stage(self, stage: StageRecord) -> None:
-        if stage.arn:
-            for attempt in range(1, 6):
-                try:
-                    await self._stages.delete_stage(stage.arn)
-                    break
-                except Unavailable as error:
-                    log.warning("DeleteStage %s failed (attempt %d): %s", stage.arn, attempt, error.message)
-                    await asyncio.sleep(0.5 * 2**attempt)
-            else:
-                return
+        """Deletes the Stage in IVS, retrying until IVS answers: a Stage left behind would be orphaned."""
+        delay = 0.5
+        while stage.arn:
+            try:
+                await self._stages.delete_stage(stage.arn)
+                break
+            except Unavailable as error:
+                log.warning("DeleteStage %s failed: %s; retrying in %.1f s", stage.arn, error.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
         self._inventory.remove_stage(stage)
 
     async def close(self) -> None:

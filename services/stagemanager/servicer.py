@@ -71,9 +71,13 @@ class StageManagerServicer(stagemanager_pb2_grpc.StageManagerServicer):
     ) -> AsyncIterator[stagemanager_pb2.RoomEvent]:
         if request.room:
             check_room_id(request.room)
+        # A snapshot taken mid-recovery would lack Stages that exist, and a watcher would take their
+        # absence for removal: the stream starts once the inventory is whole.
+        await self._rooms.wait_recovered()
         with self._inventory.subscribe(request.room) as subscription:
             snapshot = stagemanager_pb2.RoomEvent(revision=subscription.revision)
             snapshot.snapshot.rooms.extend(room_to_proto(room) for room in subscription.snapshot)
+            snapshot.snapshot.complete = True
             yield snapshot
             while True:
                 yield change_to_proto(await subscription.next())

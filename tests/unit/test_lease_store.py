@@ -198,6 +198,23 @@ class LeaseStoreContract:
             for u, arn in sorted([("u1", B.stage_arn), ("u2", C.stage_arn), ("u4", B.stage_arn)])
         ]
 
+    async def test_drop_room_removes_every_lease_of_that_room_only(self, store: LeaseStore) -> None:
+        for i in range(5):
+            await assign(store, f"u{i}", soft=10, hard=10)
+        await store.assign("other", "u0", [A], {A.stage_arn}, 1, 1, LEASE, T0)
+        assert await store.drop_room(ROOM) == 5
+        assert await store.drop_room(ROOM) == 0
+        assert await store.counts(ROOM, T0) == {}
+        assert await store.renew(ROOM, "u1", LEASE, T0) is None
+        assert await store.rooms_counts(T0) == {"other": {A.stage_arn: 1}}
+        # A viewer can join the room again from scratch, and nothing of the old leases is reported.
+        again = await assign(store, "u1", soft=10, hard=10)
+        assert again is not None and not again.sticky
+        assert sorted(await store.reap(T0 + 2 * LEASE), key=lambda lease: lease.room) == [
+            Lease(ROOM, "u1", A.stage_arn, T0 + LEASE),
+            Lease("other", "u0", A.stage_arn, T0 + LEASE),
+        ]
+
     async def test_rooms_are_independent(self, store: LeaseStore) -> None:
         await store.assign("r1", "u1", [A], {A.stage_arn}, 1, 1, LEASE, T0)
         assert await store.assign("r2", "u1", [A], {A.stage_arn}, 1, 1, LEASE, T0) is not None

@@ -128,11 +128,14 @@ class Room(_message.Message):
     PUBLISHING_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    ENDING_FIELD_NUMBER: _builtins.int
     room: _builtins.str
     publishing: _builtins.bool
     """Whether the broadcaster reports publishing on any Stage."""
     last_error: _builtins.str
     """The last error that stopped the pool from growing (e.g. the account's Stage quota); empty if none."""
+    ending: _builtins.bool
+    """The room is being ended: its Stages are being deleted and it takes no new viewers."""
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Stage]: ...
     @_builtins.property
@@ -145,10 +148,11 @@ class Room(_message.Message):
         publishing: _builtins.bool = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         last_error: _builtins.str = ...,
+        ending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_error", b"last_error", "publishing", b"publishing", "room", b"room", "stages", b"stages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ending", b"ending", "last_error", b"last_error", "publishing", b"publishing", "room", b"room", "stages", b"stages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -250,16 +250,23 @@ class RoomSnapshot(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROOMS_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    complete: _builtins.bool
+    """True when the inventory is fully recovered: a Stage missing here does not exist. When false, a
+    missing Stage may still exist, and a watcher must not treat it as removed. Either way, a watcher
+    ends viewer leases only on an explicit stage_removed or room_ended, never on a snapshot.
+    """
     @_builtins.property
     def rooms(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Room]: ...
     def __init__(
         self,
         *,
         rooms: _abc.Iterable[_common_pb2.Room] | None = ...,
+        complete: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rooms", b"rooms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "rooms", b"rooms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -311,7 +318,7 @@ class RoomEvent(_message.Message):
     def room_ended(self) -> Global___RoomEnded: ...
     @_builtins.property
     def room_changed(self) -> _common_pb2.Room:
-        """Room-level fields changed (publishing, last_error); stages are left empty."""
+        """Room-level fields changed (publishing, last_error, ending); stages are left empty."""
 
     def __init__(
         self,

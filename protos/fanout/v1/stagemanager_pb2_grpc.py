@@ -117,7 +117,9 @@ class StageManagerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchRoom(self, request, context):
-        """A snapshot of the inventory first, then every change, in order.
+        """A snapshot of the inventory first, then every change, in order. A stage manager that is still
+        recovering its inventory from IVS after a restart holds the stream back until it has recovered,
+        so the snapshot is the whole truth (RoomSnapshot.complete).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,7 +46,10 @@ class StageManagerStub:
     vanished from a LIVE Stage sends it back to STANDBY.
     """
     WatchRoom: _grpc.UnaryStreamMultiCallable[_stagemanager_pb2.WatchRoomRequest, _stagemanager_pb2.RoomEvent]
-    """A snapshot of the inventory first, then every change, in order."""
+    """A snapshot of the inventory first, then every change, in order. A stage manager that is still
+    recovering its inventory from IVS after a restart holds the stream back until it has recovered,
+    so the snapshot is the whole truth (RoomSnapshot.complete).
+    """
 
 @_typing.type_check_only
 class StageManagerAsyncStub(StageManagerStub):
@@ -66,7 +69,10 @@ class StageManagerAsyncStub(StageManagerStub):
     vanished from a LIVE Stage sends it back to STANDBY.
     """
     WatchRoom: _aio.UnaryStreamMultiCallable[_stagemanager_pb2.WatchRoomRequest, _stagemanager_pb2.RoomEvent]  # type: ignore[assignment]
-    """A snapshot of the inventory first, then every change, in order."""
+    """A snapshot of the inventory first, then every change, in order. A stage manager that is still
+    recovering its inventory from IVS after a restart holds the stream back until it has recovered,
+    so the snapshot is the whole truth (RoomSnapshot.complete).
+    """
 
 class StageManagerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -125,6 +131,9 @@ class StageManagerServicer(metaclass=_abc_1.ABCMeta):
         request: _stagemanager_pb2.WatchRoomRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_stagemanager_pb2.RoomEvent], _abc.AsyncIterator[_stagemanager_pb2.RoomEvent]]:
-        """A snapshot of the inventory first, then every change, in order."""
+        """A snapshot of the inventory first, then every change, in order. A stage manager that is still
+        recovering its inventory from IVS after a restart holds the stream back until it has recovered,
+        so the snapshot is the whole truth (RoomSnapshot.complete).
+        """
 
 def add_StageManagerServicer_to_server(servicer: StageManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
