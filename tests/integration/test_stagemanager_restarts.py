@@ -218,6 +218,10 @@ async def test_a_killed_stage_manager_restarts_without_losing_a_lease_or_a_stage
                 room = await cluster.rooms.GetRoom(pb.GetRoomRequest(room="third"), timeout=2)
             except grpc.aio.AioRpcError as error:
                 answers[error.code().name] += 1
+                if error.code() == grpc.StatusCode.UNAVAILABLE and await serving(
+                    cluster.stagemanager.address
+                ):
+                    answers["serving while recovering"] += 1
                 return False
             answers["room"] += 1
             return len(room.room.stages) == 4
@@ -225,6 +229,8 @@ async def test_a_killed_stage_manager_restarts_without_losing_a_lease_or_a_stage
         await eventually(recovered_answer, what="the restarted stage manager to answer", within=60)
         assert await serving(cluster.stagemanager.address)
         assert answers["NOT_FOUND"] == 0, answers
+        # Readiness says the same: a load balancer sends nothing to a stage manager still recovering.
+        assert answers["serving while recovering"] == 0, answers
         assert answers["UNAVAILABLE"] > 0, "the restart was too quick to show anything; slow IVS down"
 
         # The allocator has the new inventory once it can issue a publisher token at its revision.
