@@ -3,6 +3,8 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
 MAKEFLAGS += --warn-undefined-variables --no-builtin-rules
+# A recipe that fails leaves no half-written target behind to look up to date next time.
+.DELETE_ON_ERROR:
 
 PYTHON ?= python3
 VENV := .venv
@@ -50,8 +52,11 @@ proto: $(BIN)/.installed ## Regenerate the gRPC code from protos/
 	PATH=$(BIN):$$PATH $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
 		--mypy_out=quiet:. --mypy_grpc_out=quiet:. $(PROTO_SRC)
 
-check-proto: proto ## Fail if the generated gRPC code is stale
-	@git diff --exit-code -- protos/ || { echo "generated code in protos/ is stale: run 'make proto' and commit" >&2; exit 1; }
+check-proto: proto ## Fail if the generated gRPC code is stale (changed or not yet committed)
+	@if [ -n "$$(git status --porcelain -- protos/)" ]; then \
+	  git status --short -- protos/ >&2; \
+	  echo "generated code in protos/ is stale or untracked: run 'make proto' and commit" >&2; exit 1; \
+	fi
 
 run: setup ## Start the whole system locally (IVS emulator, services, gateway, pages)
 	$(PY) -m tools.run_local
@@ -59,8 +64,9 @@ run: setup ## Start the whole system locally (IVS emulator, services, gateway, p
 test: setup system-deps ## Run every test (unit, integration, browser)
 	$(PY) -m pytest -q
 
-lint: setup ## ruff and mypy
+lint: setup ## ruff (lint and format check) and mypy
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy services gateway tools
 
 bench: setup ## Measure viewer-token throughput and latency through the whole path
