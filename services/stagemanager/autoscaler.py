@@ -81,7 +81,7 @@ def lead_time(room: RoomRecord, default: float, samples: int = 5) -> float:
     existing before one (nothing can go LIVE without a broadcaster)."""
     stages = sorted(room.stages.values(), key=lambda s: s.created_at, reverse=True)
     if room.publishing:
-        times = [s.live_at - s.created_at for s in stages if s.during_show and s.live_at > s.created_at]
+        times = [t for t in (s.lead_time for s in stages) if t is not None]
     else:
         times = [s.ready_at - s.created_at for s in stages if s.ready_at > s.created_at]
     times = times[:samples]

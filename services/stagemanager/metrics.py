@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.errors import Unavailable
-from services.stagemanager.inventory import ChangeKind, Inventory
+from services.stagemanager.inventory import Inventory
 from services.stagemanager.model import StageState
 
 log = logging.getLogger(__name__)
@@ -29,7 +28,7 @@ class StageManagerMetrics:
         )
         self.lead_time = Histogram(
             "fanout_stage_lead_time_seconds",
-            "Provisioning lead time: from CreateStage to the Stage's first LIVE.",
+            "Provisioning lead time of Stages made during a show: from CreateStage to first LIVE.",
             buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120),
             registry=registry,
         )
@@ -54,23 +53,14 @@ class StageManagerMetrics:
 
 
 async def follow_inventory(inventory: Inventory, metrics: StageManagerMetrics) -> None:
-    """Keeps the gauges equal to the inventory, and times each Stage's first LIVE."""
-    went_live: set[tuple[str, int]] = set()
+    """Keeps the gauges equal to the inventory, refreshed on each of its changes."""
     known_rooms: set[str] = set()
     while True:
         with inventory.subscribe() as subscription:
             try:
                 while True:
                     _publish(inventory, metrics, known_rooms)
-                    change = await subscription.next()
-                    stage = change.stage
-                    if change.kind is ChangeKind.STAGE_CHANGED and stage is not None:
-                        key = (stage.room, stage.index)
-                        if stage.state is StageState.LIVE and key not in went_live:
-                            went_live.add(key)
-                            metrics.lead_time.observe(max(0.0, time.time() - stage.created_at))
-                    elif change.kind is ChangeKind.STAGE_REMOVED and stage is not None:
-                        went_live.discard((stage.room, stage.index))
+                    await subscription.next()
             except Unavailable:
                 log.warning("metrics fell behind the inventory; resynchronising")
                 await asyncio.sleep(0)

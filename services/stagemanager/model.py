@@ -47,6 +47,18 @@ class StageRecord:
     def copy(self) -> StageRecord:
         return dataclasses.replace(self)
 
+    @property
+    def lead_time(self) -> float | None:
+        """From CreateStage to first LIVE, for a Stage made during a show; None for any other Stage.
+
+        The one definition of provisioning lead time: the autoscaler plans with it and the
+        `fanout_stage_lead_time_seconds` histogram reports it. A Stage made before the show waited
+        for the broadcaster, however fast IVS made it, so it measures nothing.
+        """
+        if self.during_show and self.live_at > self.created_at:
+            return self.live_at - self.created_at
+        return None
+
 
 @dataclass
 class RoomRecord:

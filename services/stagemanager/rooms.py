@@ -292,10 +292,13 @@ class RoomManager:
         if publishing:
             room.active_at = max(room.active_at, at)
         if state is not stage.state or publishing != stage.publishing:
-            live_at = stage.live_at or (at if state is StageState.LIVE else 0.0)
+            first_live = not stage.live_at and state is StageState.LIVE
+            live_at = at if first_live else stage.live_at
             self._inventory.update_stage(
                 stage, state=state, publishing=publishing, publishing_since=at, live_at=live_at
             )
+            if first_live and stage.lead_time is not None:
+                self._metrics.lead_time.observe(stage.lead_time)
             log.info("room %s: Stage %d %s (publishing=%s)", room.room, stage.index, state.value, publishing)
         if room.publishing != was_publishing:
             self._inventory.room_publishing_changed(room.room)

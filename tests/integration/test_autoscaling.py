@@ -95,6 +95,11 @@ async def test_join_ramp_grows_the_pool_ahead_and_drains_it_behind(tmp_path: Pat
         ]
         assert set(states) <= set(added) | set(snapshot), "every Stage reached the broadcaster with a token"
         assert broadcaster.bad_tokens == []
+        # Every Stage made during the show that went LIVE gave the autoscaler and the metric a sample.
+        lead_samples = system.registries["stagemanager"].get_sample_value(
+            "fanout_stage_lead_time_seconds_count"
+        )
+        assert lead_samples is not None and 1 <= lead_samples <= len(states) - 1
         print(
             f"ramp: 500 joins in {ramp_seconds:.1f}s, {len(states)} Stages, peak overflow {peak_overflow}, "
             f"first scale-out at viewer {second_stage_at}"
