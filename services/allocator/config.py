@@ -8,8 +8,8 @@ from pathlib import Path
 
 from services.allocator.allocation import PlacementSettings
 from services.common.env import ConfigError, Env
+from services.common.ids import CLUSTER_ID_PATTERN, GRPC_ADDRESS_PATTERN
 from services.common.ivs_settings import IvsSettings, read_ivs_settings
-from services.stagemanager.config import CLUSTER_ID_PATTERN
 
 TWO_WEEKS = 20160 * 60
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -60,9 +60,11 @@ def read_settings(environ: Mapping[str, str]) -> AllocatorSettings:
     if store == "redis" and not redis_url:
         raise ConfigError("FANOUT_STORE=redis needs FANOUT_REDIS_URL in AWS mode")
     return AllocatorSettings(
-        listen=env.str("FANOUT_ALLOCATOR_LISTEN", "127.0.0.1:50062", pattern=r"[^\s]+:\d{1,5}"),
+        listen=env.str("FANOUT_ALLOCATOR_LISTEN", "127.0.0.1:50062", pattern=GRPC_ADDRESS_PATTERN),
         metrics_port=env.int("FANOUT_ALLOCATOR_METRICS_PORT", 9462, minimum=0, maximum=65535),
-        stagemanager_addr=env.str("FANOUT_STAGEMANAGER_ADDR", "127.0.0.1:50061", pattern=r"[^\s]+:\d{1,5}"),
+        stagemanager_addr=env.str(
+            "FANOUT_STAGEMANAGER_ADDR", "127.0.0.1:50061", pattern=GRPC_ADDRESS_PATTERN
+        ),
         ivs=ivs,
         placement=PlacementSettings(
             soft_capacity=capacity,

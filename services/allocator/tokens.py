@@ -14,8 +14,8 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.common import jwt_es384
+from services.common.ids import MAX_USER_ID_LENGTH, stage_id
 
-MAX_USER_ID_CHARS = 128  # ivs-facts §1.1: the API's userId shape
 MAX_ATTRIBUTES_BYTES = 1024  # ivs-facts §1.1: attributes are at most 1 KB in total
 MAX_TTL_SECONDS = 20160 * 60  # the API's longest token (14 days); self-signed tokens keep to it too
 PARTICIPANT_ID_CHARS = 16
@@ -65,8 +65,8 @@ def validate_request(
     user_id: str, publish: bool, subscribe: bool, attributes: Mapping[str, str], ttl_seconds: int
 ) -> None:
     """Raises InvalidTokenRequest unless IVS would accept a token with these contents."""
-    if not 1 <= len(user_id) <= MAX_USER_ID_CHARS:
-        raise InvalidTokenRequest(f"user id must be 1-{MAX_USER_ID_CHARS} characters, got {len(user_id)}")
+    if not 1 <= len(user_id) <= MAX_USER_ID_LENGTH:
+        raise InvalidTokenRequest(f"user id must be 1-{MAX_USER_ID_LENGTH} characters, got {len(user_id)}")
     if not (publish or subscribe):
         raise InvalidTokenRequest("a token must allow publishing, subscribing or both")
     size = 0
@@ -80,12 +80,11 @@ def validate_request(
         raise InvalidTokenRequest(f"token lifetime must be 1-{MAX_TTL_SECONDS} seconds, got {ttl_seconds}")
 
 
-def stage_id(stage_arn: str) -> str:
-    """The Stage id: the last path segment of its ARN (the `topic` claim)."""
-    _, slash, tail = stage_arn.rpartition("/")
-    if not slash or not tail:
+def topic(stage_arn: str) -> str:
+    """The `topic` claim: the Stage id, refused unless the ARN has one."""
+    if "/" not in stage_arn or not stage_id(stage_arn):
         raise InvalidTokenRequest(f"not a stage ARN: {stage_arn!r}")
-    return tail
+    return stage_id(stage_arn)
 
 
 def new_participant_id() -> str:
@@ -133,7 +132,7 @@ class SelfSignedMinter:
             "iat": issued_at,
             "jti": participant_id,
             "resource": stage.arn,
-            "topic": stage_id(stage.arn),
+            "topic": topic(stage.arn),
             "events_url": stage.events_url,
             "whip_url": stage.whip_url,
             "user_id": user_id,

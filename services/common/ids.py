@@ -7,6 +7,10 @@ import re
 from services.common.errors import InvalidArgument
 
 ROOM_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+# FANOUT_CLUSTER_ID: short enough to fit in Stage names and Redis key prefixes.
+CLUSTER_ID_PATTERN = r"[a-z0-9][a-z0-9-]{0,31}"
+# host:port of a gRPC listen or dial address, as the services' settings accept it.
+GRPC_ADDRESS_PATTERN = r"[^\s]+:\d{1,5}"
 STAGE_ARN_PATTERN = re.compile(r"arn:aws:ivs:[a-z0-9-]+:[0-9]+:stage/[a-zA-Z0-9-]+")
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_USER_ID_LENGTH = 128

@@ -6,11 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.common.env import Env
+from services.common.ids import CLUSTER_ID_PATTERN, GRPC_ADDRESS_PATTERN
 from services.common.ivs_quotas import OPERATION_RATES
 from services.common.ivs_settings import IvsSettings, read_ivs_settings
 
-CLUSTER_ID_PATTERN = r"[a-z0-9][a-z0-9-]{0,31}"
-ADDRESS_PATTERN = r"[^\s]+:\d{1,5}"
 # IVS allows 5 calls/s for each Stage operation the monitor uses (ivs-facts §3); it may use less.
 MAX_STAGE_TPS = OPERATION_RATES["ListParticipants"]
 
@@ -60,10 +59,12 @@ def read_settings(environ: Mapping[str, str]) -> MonitorSettings:
         else None
     )
     return MonitorSettings(
-        listen=env.str("FANOUT_MONITOR_LISTEN", "127.0.0.1:50063", pattern=ADDRESS_PATTERN),
+        listen=env.str("FANOUT_MONITOR_LISTEN", "127.0.0.1:50063", pattern=GRPC_ADDRESS_PATTERN),
         metrics_port=env.int("FANOUT_MONITOR_METRICS_PORT", 9463, minimum=0, maximum=65535),
-        allocator_addr=env.str("FANOUT_ALLOCATOR_ADDR", "127.0.0.1:50062", pattern=ADDRESS_PATTERN),
-        stagemanager_addr=env.str("FANOUT_STAGEMANAGER_ADDR", "127.0.0.1:50061", pattern=ADDRESS_PATTERN),
+        allocator_addr=env.str("FANOUT_ALLOCATOR_ADDR", "127.0.0.1:50062", pattern=GRPC_ADDRESS_PATTERN),
+        stagemanager_addr=env.str(
+            "FANOUT_STAGEMANAGER_ADDR", "127.0.0.1:50061", pattern=GRPC_ADDRESS_PATTERN
+        ),
         cluster_id=env.str("FANOUT_CLUSTER_ID", "local", pattern=CLUSTER_ID_PATTERN),
         ivs=ivs,
         interval_seconds=env.float("FANOUT_MONITOR_INTERVAL_SECONDS", 5.0, minimum=0.05, maximum=3600.0),

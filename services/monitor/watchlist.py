@@ -6,10 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from services.common.ids import ROOM_ID_PATTERN, STAGE_ARN_PATTERN, stage_id
+from services.common.stage_tags import TAG_CLUSTER, TAG_ROOM
 from services.monitor.ivs import ParticipantsPage, StageSummary
-
-TAG_CLUSTER = "fanout:cluster"
-TAG_ROOM = "fanout:room"
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.common.env import ConfigError, Env
+from services.common.ids import CLUSTER_ID_PATTERN, GRPC_ADDRESS_PATTERN
 from services.common.ivs_settings import IvsSettings, read_ivs_settings
 from services.stagemanager.autoscaler import AutoscalerSettings
 from services.stagemanager.rooms import RoomSettings
-
-CLUSTER_ID_PATTERN = r"[a-z0-9][a-z0-9-]{0,31}"
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
         tick_seconds=env.float("FANOUT_AUTOSCALER_TICK_SECONDS", 1.0, minimum=0.05, maximum=60.0),
     )
     return StageManagerSettings(
-        listen=env.str("FANOUT_STAGEMANAGER_LISTEN", "127.0.0.1:50061", pattern=r"[^\s]+:\d{1,5}"),
+        listen=env.str("FANOUT_STAGEMANAGER_LISTEN", "127.0.0.1:50061", pattern=GRPC_ADDRESS_PATTERN),
         metrics_port=env.int("FANOUT_STAGEMANAGER_METRICS_PORT", 9461, minimum=0, maximum=65535),
         ivs=ivs,
         rooms=RoomSettings(
@@ -64,7 +63,7 @@ def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
             ),
         ),
         autoscaler=autoscaler,
-        allocator_addr=env.str("FANOUT_ALLOCATOR_ADDR", "127.0.0.1:50062", pattern=r"[^\s]+:\d{1,5}"),
+        allocator_addr=env.str("FANOUT_ALLOCATOR_ADDR", "127.0.0.1:50062", pattern=GRPC_ADDRESS_PATTERN),
         log_json=env.bool("FANOUT_LOG_JSON", ivs.mode == "aws"),
         shutdown_grace_seconds=env.float("FANOUT_SHUTDOWN_GRACE_SECONDS", 5.0, minimum=0, maximum=60),
     )

@@ -10,17 +10,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from services.common.errors import NoCapacity, NotFound, Unavailable
 from services.common.ivs_calls import IvsCaller, error_code
+from services.common.stage_tags import TAG_CLUSTER, TAG_DRAINING, TAG_ENDING
 
 log = logging.getLogger(__name__)
-
-TAG_CLUSTER = "fanout:cluster"
-TAG_ROOM = "fanout:room"
-TAG_INDEX = "fanout:index"
-TAG_ROLE = "fanout:role"
-TAG_DRAINING = "fanout:draining"
-# On one Stage of a room being ended: a restarted stage manager finishes the ending instead of
-# adopting the room's remaining Stages as a live pool.
-TAG_ENDING = "fanout:ending"
 
 
 class StageQuotaExceeded(NoCapacity):

@@ -12,17 +12,9 @@ from typing import Any
 from services.common.errors import FanoutError, NoCapacity, NotFound, Unavailable
 from services.common.ids import check_room_id, check_stage_arn
 from services.common.lifecycle import cancel_and_wait
+from services.common.stage_tags import TAG_CLUSTER, TAG_DRAINING, TAG_ENDING, TAG_INDEX, TAG_ROLE, TAG_ROOM
 from services.stagemanager.inventory import Inventory
-from services.stagemanager.ivs import (
-    TAG_CLUSTER,
-    TAG_DRAINING,
-    TAG_ENDING,
-    TAG_INDEX,
-    TAG_ROLE,
-    TAG_ROOM,
-    StageApi,
-    StageQuotaExceeded,
-)
+from services.stagemanager.ivs import StageApi, StageQuotaExceeded
 from services.stagemanager.metrics import StageManagerMetrics
 from services.stagemanager.model import EXISTING_STATES, RoomRecord, StageRecord, StageState
 
