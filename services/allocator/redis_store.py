@@ -38,8 +38,14 @@ from redis.exceptions import NoScriptError
 
 from services.allocator.placement import Candidate
 from services.allocator.store import Assignment, Lease
+from services.allocator.store_guard import GuardedLeaseStore
+from services.common.timeouts import STORE_CALL_SECONDS, STORE_PROBE_SECONDS
 
 log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 64
+# What an unreachable Redis looks like; any other RedisError (a script error) is a bug, not an outage.
+OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
 
 # Shared by every script: KEYS[1] leases, KEYS[2] expiry, KEYS[3] counts, KEYS[4] reaped;
 # ARGV[1] the room's per-Stage set key prefix. Per-Stage keys are built from it, in the room's slot.
@@ -352,3 +358,28 @@ class RedisLeaseStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def open_redis_client(url: str) -> redis.Redis:
+    """A client whose requests wait for a free connection (up to 64) rather than fail in a burst;
+    no wait (for a connection, a connect or an answer) outlasts one store call's deadline."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=STORE_CALL_SECONDS,
+        health_check_interval=30,
+        socket_connect_timeout=STORE_CALL_SECONDS,
+        socket_timeout=STORE_CALL_SECONDS,
+    )
+    return redis.Redis.from_pool(pool)
+
+
+def open_redis_store(url: str, namespace: str) -> GuardedLeaseStore:
+    """The allocator's Redis lease store, guarded so that a Redis outage answers 503s, not errors."""
+    return GuardedLeaseStore(
+        RedisLeaseStore(open_redis_client(url), namespace),
+        OUTAGE_ERRORS,
+        call_timeout=STORE_CALL_SECONDS,
+        probe_interval=STORE_PROBE_SECONDS,
+        name="Redis lease store",
+    )

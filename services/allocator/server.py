@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import redis.asyncio as redis
 from prometheus_client import CollectorRegistry
 
 from protos.fanout.v1 import allocator_pb2, allocator_pb2_grpc, stagemanager_pb2_grpc
@@ -17,7 +16,7 @@ from services.allocator.config import AllocatorSettings
 from services.allocator.inventory import StageInventory
 from services.allocator.ivs import IvsTokenApi
 from services.allocator.metrics import AllocatorMetrics
-from services.allocator.redis_store import RedisLeaseStore
+from services.allocator.redis_store import open_redis_store
 from services.allocator.servicer import AllocatorServicer
 from services.allocator.signing_key import load_or_create_private_key, load_private_key
 from services.allocator.store import LeaseStore, MemoryLeaseStore
@@ -29,15 +28,11 @@ from services.common.grpc_server import GrpcServer, GrpcServerMetrics, start_grp
 from services.common.ivs_calls import CallBudget, IvsCaller, IvsMetrics
 from services.common.jwt_es384 import public_key_pem
 from services.common.lifecycle import cancel_and_wait
-from services.common.timeouts import STORE_CALL_SECONDS, STORE_PROBE_SECONDS
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = allocator_pb2.DESCRIPTOR.services_by_name["Allocator"].full_name
 REAP_INTERVAL_SECONDS = 1.0
-REDIS_MAX_CONNECTIONS = 64
-# What an unreachable Redis looks like; any other RedisError (a script error) is a bug, not an outage.
-REDIS_OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
 
 
 @dataclass
@@ -84,30 +79,10 @@ async def build_minter(settings: AllocatorSettings, token_api: IvsTokenApi) -> T
     return SelfSignedMinter(key, kid)
 
 
-def open_redis_client(url: str) -> redis.Redis:
-    """A client whose requests wait for a free connection (up to 64) rather than fail in a burst;
-    no wait (for a connection, a connect or an answer) outlasts one store call's deadline."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=REDIS_MAX_CONNECTIONS,
-        timeout=STORE_CALL_SECONDS,
-        health_check_interval=30,
-        socket_connect_timeout=STORE_CALL_SECONDS,
-        socket_timeout=STORE_CALL_SECONDS,
-    )
-    return redis.Redis.from_pool(pool)
-
-
 def open_store(settings: AllocatorSettings) -> LeaseStore:
-    """The configured lease store; the Redis client is created here, and only for the Redis store."""
+    """The configured lease store; a Redis client is created only for the Redis store."""
     if settings.store == "redis" and settings.redis_url:
-        return GuardedLeaseStore(
-            RedisLeaseStore(open_redis_client(settings.redis_url), settings.cluster_id),
-            REDIS_OUTAGES,
-            call_timeout=STORE_CALL_SECONDS,
-            probe_interval=STORE_PROBE_SECONDS,
-            name="Redis lease store",
-        )
+        return open_redis_store(settings.redis_url, settings.cluster_id)
     return MemoryLeaseStore()
 
 

@@ -17,8 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from protos.fanout.v1 import allocator_pb2, allocator_pb2_grpc
-from services.allocator.redis_store import RedisLeaseStore
-from services.allocator.server import open_redis_client
+from services.allocator.redis_store import RedisLeaseStore, open_redis_client
 from services.allocator.store import LeaseStore
 from tests.integration.system import (
     System,
