@@ -16,6 +16,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.common.ivs_quotas import OPERATION_RATES
+from services.common.timeouts import IVS_CONNECT_SECONDS, IVS_READ_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,12 @@ DEFAULT_TPS = 5.0
 
 def make_ivs_client(region: str, endpoint_url: str | None, local_credentials: bool) -> Any:
     """A boto3 ivs-realtime client. Retries are ours (IvsCaller), so botocore must not hide throttles."""
-    config = Config(retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=16)
+    config = Config(
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        max_pool_connections=16,
+        connect_timeout=IVS_CONNECT_SECONDS,
+        read_timeout=IVS_READ_SECONDS,
+    )
     kwargs: dict[str, Any] = {"region_name": region, "config": config}
     if endpoint_url:
         kwargs["endpoint_url"] = endpoint_url

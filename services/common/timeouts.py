@@ -15,6 +15,12 @@ GATEWAY_ROOM_RPC_SECONDS = 30.0
 # /readyz -> the services' standard gRPC health checks.
 READINESS_PROBE_SECONDS = 1.0
 
+# Every service -> IVS, per attempt: connecting, then waiting for the answer. A hung IVS costs a call
+# this long, not botocore's default minute. A viewer's token in API mode (no signing key) is one such
+# call, so it stays under GATEWAY_RPC_SECONDS; Stage creation retries within GATEWAY_ROOM_RPC_SECONDS.
+IVS_CONNECT_SECONDS = 1.0
+IVS_READ_SECONDS = 3.0
+
 # Allocator -> Redis: one lease-store call, connection included. A call slower than this counts as
 # an outage: further calls fail at once (503) until a probe sees Redis answer again.
 STORE_CALL_SECONDS = 1.0

@@ -25,6 +25,7 @@ from services.common.ivs_calls import make_ivs_client
 from services.ivslocal.config import Settings as IvsSettings
 from services.stagemanager.config import read_settings as read_stagemanager_settings
 from services.stagemanager.server import StageManagerService, start_stage_manager
+from tests.integration.fault_proxy import FaultProxy
 from tests.integration.ivslocal_fixtures import IvsLocalServer, running_ivslocal
 from tests.integration.waiting import eventually
 
@@ -150,11 +151,19 @@ def _close_on_cancel(channel: grpc.aio.Channel) -> Any:
 
 @contextlib.asynccontextmanager
 async def running_system(
-    state_dir: Path, ivs_settings: IvsSettings | None = None, **overrides: str
+    state_dir: Path,
+    ivs_settings: IvsSettings | None = None,
+    ivs_through: FaultProxy | None = None,
+    **overrides: str,
 ) -> AsyncIterator[System]:
-    """Emulator, stage manager, allocator and gateway on free loopback ports; env overrides per test."""
+    """Emulator, stage manager, allocator and gateway on free loopback ports; env overrides per test.
+    With `ivs_through`, the services reach the emulator through that proxy (to make IVS fail)."""
     async with running_ivslocal(ivs_settings) as ivs:
-        env = service_env(ivs.url, state_dir, overrides)
+        ivs_url = ivs.url
+        if ivs_through is not None:
+            ivs_through.target_port = int(ivs.url.rsplit(":", 1)[1])
+            ivs_url = ivs_through.url
+        env = service_env(ivs_url, state_dir, overrides)
         registries = {name: CollectorRegistry() for name in ("stagemanager", "allocator", "gateway")}
         stagemanager = await start_stagemanager(env, registries["stagemanager"])
         allocator = await start_allocator_for(env, stagemanager.port, registries["allocator"])
