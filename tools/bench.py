@@ -56,14 +56,14 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 import cryptography
 
 from services.allocator.tokens import SelfSignedMinter, StageEndpoints
 from services.common import jwt_es384
-from tools.run_local import SERVICES, Ports, Supervisor, child_environment
+from tools.local_system import HOST, SERVICES, Ports, Supervisor, child_environment
 
 TARGET_TOKENS_PER_SECOND = 2000.0
 TARGET_P99_MS = 25.0
@@ -75,7 +75,6 @@ REQUEST_TIMEOUT_SECONDS = 10.0
 OPEN_LOOP_MAX_CONNECTIONS = 256
 ROOM = "main"
 STAGES = 4
-HOST = "127.0.0.1"
 JSON_HEADERS = {"Content-Type": "application/json"}
 # Above this much CPU used by processes outside the bench (% of one core), the figures are suspect.
 NOISY_OTHER_PERCENT = 15.0
@@ -461,23 +460,6 @@ def bench_environment(state_dir: Path, ports: Ports, publisher_key: str) -> dict
     return env
 
 
-@contextlib.contextmanager
-def children_output_to(log: IO[str]) -> Iterator[None]:
-    """Supervisor starts children with this process's stdout/stderr: point both at the log meanwhile."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = (os.dup(1), os.dup(2))
-    try:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(saved[0])
-        os.close(saved[1])
-
-
 async def request_json(
     method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -538,7 +520,6 @@ async def run_bench(run: Run) -> int:
     log_path = state_dir / "services.log"
     supervisor: Supervisor | None = None
     generator: LoadGenerator | None = None
-    processes: dict[str, asyncio.subprocess.Process] = {}
     succeeded = False
     started = time.perf_counter()
     try:
@@ -552,15 +533,7 @@ async def run_bench(run: Run) -> int:
         )
         print(f"   state dir {state_dir}, services' logs in {log_path}")
         with log_path.open("a") as log:
-            for name, module in SERVICES:
-                with children_output_to(log):
-                    process = await supervisor.start(name, module)
-                processes[name] = process
-                if name == "ivslocal":
-                    await supervisor.wait_until(
-                        "the IVS emulator", f"http://{HOST}:{ports.ivslocal}/_emulator/stats"
-                    )
-        await supervisor.wait_until("the gateway and its dependencies", f"{base}/readyz")
+            await supervisor.start_all(ports, output=log)
         generator = LoadGenerator()
         room = await request_json(
             "POST", f"{base}/api/token/publisher-all", b"{}", {"Authorization": f"Bearer {publisher_key}"}
@@ -575,13 +548,7 @@ async def run_bench(run: Run) -> int:
             f"({len(sample['token'])} chars, ES384)"
         )
 
-        meter = CpuMeter({name: process.pid for name, process in processes.items()})
-
-        def check_alive() -> None:
-            for name, process in processes.items():
-                if process.returncode is not None:
-                    raise RuntimeError(f"{name} exited with code {process.returncode} during the run")
-
+        meter = CpuMeter(supervisor.pids)
         url = f"{base}/api/token/viewer"
         print(
             f"\n3. closed loop: a new userId per request, {WARMUP_SECONDS:.0f} s warm-up + "
@@ -596,7 +563,7 @@ async def run_bench(run: Run) -> int:
                 ClosedLoopJob(url, level, WARMUP_SECONDS, run.seconds, f"c{level}-{secrets.token_hex(3)}")
             )
             used = meter.lap()
-            check_alive()
+            supervisor.raise_if_exited("during the run")
             latencies = sorted(result.latencies_ms)
             rate = len(latencies) / result.window_seconds
             cpu = LevelCpu.of(result, used)
@@ -630,7 +597,7 @@ async def run_bench(run: Run) -> int:
                 OpenLoopJob(url, rate, WARMUP_SECONDS / 2, run.seconds, f"o{rate:.0f}-{secrets.token_hex(3)}")
             )
             used = meter.lap()
-            check_alive()
+            supervisor.raise_if_exited("during the run")
             latencies = sorted(result.latencies_ms)
             lags = sorted(result.send_lag_ms)
             open_p99[rate] = percentile(latencies, 0.99)

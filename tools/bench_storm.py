@@ -24,17 +24,15 @@ from typing import Any
 import aiohttp
 
 from tools.bench import (
-    SERVICES,
     LoadGenerator,
     OpenLoopJob,
     bench_environment,
     bench_ports,
-    children_output_to,
     describe_errors,
     percentile,
     request_json,
 )
-from tools.run_local import Supervisor
+from tools.local_system import Supervisor
 from tools.sse_client import read_events
 
 VIEWERS = 5_000
@@ -117,14 +115,7 @@ async def run_storm(keep: bool) -> int:
         supervisor = Supervisor(env)
         base = f"http://127.0.0.1:{ports.gateway}"
         with log_path.open("a") as log:
-            for name, module in SERVICES:
-                with children_output_to(log):
-                    await supervisor.start(name, module)
-                if name == "ivslocal":
-                    await supervisor.wait_until(
-                        "the IVS emulator", f"http://127.0.0.1:{ports.ivslocal}/_emulator/stats"
-                    )
-        await supervisor.wait_until("the gateway and its dependencies", f"{base}/readyz")
+            await supervisor.start_all(ports, output=log)
         await request_json(
             "POST", f"{base}/api/token/publisher-all", b"{}", {"Authorization": f"Bearer {key}"}
         )
