@@ -38,13 +38,9 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import json
-import multiprocessing
-import multiprocessing.connection
 import os
 import platform
-import resource
 import secrets
 import shutil
 import signal
@@ -52,9 +48,8 @@ import socket
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +58,14 @@ import cryptography
 
 from services.allocator.tokens import SelfSignedMinter, StageEndpoints
 from services.common import jwt_es384
+from tools.bench_cpu import CpuMeter, LevelCpu, cpu_columns, cpu_percents
+from tools.loadgen import (
+    ClosedLoopJob,
+    LoadGenerator,
+    OpenLoopJob,
+    describe_errors,
+    percentile,
+)
 from tools.local_system import HOST, SERVICES, Ports, Supervisor, child_environment
 
 TARGET_TOKENS_PER_SECOND = 2000.0
@@ -71,294 +74,11 @@ SIGNING_SECONDS = 2.0
 WARMUP_SECONDS = 1.0
 DEFAULT_LEVEL_SECONDS = 5.0
 DEFAULT_LEVELS = (1, 8, 32, 64)
-REQUEST_TIMEOUT_SECONDS = 10.0
-OPEN_LOOP_MAX_CONNECTIONS = 256
 ROOM = "main"
 STAGES = 4
 JSON_HEADERS = {"Content-Type": "application/json"}
 # Above this much CPU used by processes outside the bench (% of one core), the figures are suspect.
 NOISY_OTHER_PERCENT = 15.0
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Load generator: runs in its own process so it never shares a GIL with the code it measures.
-
-
-@dataclass(frozen=True)
-class ClosedLoopJob:
-    url: str
-    concurrency: int
-    warmup: float
-    seconds: float
-    id_prefix: str
-
-
-@dataclass(frozen=True)
-class OpenLoopJob:
-    url: str
-    rate: float
-    warmup: float
-    seconds: float
-    id_prefix: str
-
-
-@dataclass
-class LoadResult:
-    """What one job measured; latencies (ms) and counts cover the measured window only."""
-
-    window_seconds: float
-    latencies_ms: list[float] = field(default_factory=list)
-    errors: Counter[str] = field(default_factory=Counter)
-    # The whole job (warm-up included), to relate the processes' CPU to the work done.
-    job_seconds: float = 0.0
-    job_requests: int = 0
-    generator_cpu_seconds: float = 0.0
-    # Open loop only.
-    sent: int = 0
-    send_lag_ms: list[float] = field(default_factory=list)
-    max_in_flight: int = 0
-
-
-def _cpu_seconds_of_this_process() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-async def _post_viewer(session: aiohttp.ClientSession, url: str, user_id: str) -> str | None:
-    """None on 200, else a short reason (the status, or the exception's name)."""
-    body = b'{"userId":"' + user_id.encode("ascii") + b'"}'
-    try:
-        async with session.post(url, data=body, headers=JSON_HEADERS) as response:
-            await response.read()
-            return None if response.status == 200 else str(response.status)
-    except (aiohttp.ClientError, TimeoutError) as error:
-        return type(error).__name__
-
-
-def _session(connections: int) -> aiohttp.ClientSession:
-    # Keep-alive is aiohttp's default; the pool is the concurrency, so no request waits for a socket.
-    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
-    return aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
-    )
-
-
-async def _closed_loop(job: ClosedLoopJob) -> LoadResult:
-    job_started, cpu_started = time.perf_counter(), _cpu_seconds_of_this_process()
-    result = LoadResult(window_seconds=job.seconds)
-    async with _session(job.concurrency) as session:
-        window_start = time.perf_counter() + job.warmup
-        window_end = window_start + job.seconds
-        sequence = itertools.count()
-
-        async def user() -> None:
-            while (started := time.perf_counter()) < window_end:
-                error = await _post_viewer(session, job.url, f"{job.id_prefix}-{next(sequence)}")
-                done = time.perf_counter()
-                result.job_requests += 1
-                if window_start <= done < window_end:
-                    if error is None:
-                        result.latencies_ms.append((done - started) * 1000)
-                    else:
-                        result.errors[error] += 1
-
-        await asyncio.gather(*(user() for _ in range(job.concurrency)))
-    result.job_seconds = time.perf_counter() - job_started
-    result.generator_cpu_seconds = _cpu_seconds_of_this_process() - cpu_started
-    return result
-
-
-async def _open_loop(job: OpenLoopJob) -> LoadResult:
-    job_started, cpu_started = time.perf_counter(), _cpu_seconds_of_this_process()
-    result = LoadResult(window_seconds=job.seconds)
-    interval = 1.0 / job.rate
-    total = int((job.warmup + job.seconds) * job.rate)
-    first_measured = int(job.warmup * job.rate)
-    in_flight = 0
-    async with _session(OPEN_LOOP_MAX_CONNECTIONS) as session:
-        start = time.perf_counter() + 0.01
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def one(index: int, scheduled: float) -> None:
-            nonlocal in_flight
-            in_flight += 1
-            if index >= first_measured:
-                result.max_in_flight = max(result.max_in_flight, in_flight)
-            error = await _post_viewer(session, job.url, f"{job.id_prefix}-{index}")
-            in_flight -= 1
-            result.job_requests += 1
-            if index < first_measured:
-                return
-            if error is None:
-                result.latencies_ms.append((time.perf_counter() - scheduled) * 1000)
-            else:
-                result.errors[error] += 1
-
-        index = 0
-        while index < total:
-            now = time.perf_counter()
-            due = start + index * interval
-            if due > now:
-                await asyncio.sleep(due - now)
-                continue
-            # Everything already due goes now: a late scheduler sends a burst, as real clients would.
-            while index < total and (scheduled := start + index * interval) <= now:
-                if index >= first_measured:
-                    result.sent += 1
-                    result.send_lag_ms.append((now - scheduled) * 1000)
-                task = asyncio.create_task(one(index, scheduled))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                index += 1
-        await asyncio.gather(*tasks)
-    result.job_seconds = time.perf_counter() - job_started
-    result.generator_cpu_seconds = _cpu_seconds_of_this_process() - cpu_started
-    return result
-
-
-def _generator_main(connection: multiprocessing.connection.Connection) -> None:
-    """The load generator process: runs jobs from the pipe until it reads None."""
-    # Ctrl-C reaches the whole process group; the parent decides when this process ends.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    while (job := connection.recv()) is not None:
-        if isinstance(job, ClosedLoopJob):
-            connection.send(asyncio.run(_closed_loop(job)))
-        else:
-            connection.send(asyncio.run(_open_loop(job)))
-
-
-class LoadGenerator:
-    """The load generator's process, spawned rather than forked: this process runs an event loop."""
-
-    def __init__(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._connection, child_end = context.Pipe()
-        self._process = context.Process(target=_generator_main, args=(child_end,), daemon=True)
-        self._process.start()
-        child_end.close()
-
-    async def run(self, job: ClosedLoopJob | OpenLoopJob) -> LoadResult:
-        self._connection.send(job)
-        result = await asyncio.get_running_loop().run_in_executor(None, self._connection.recv)
-        if not isinstance(result, LoadResult):
-            raise RuntimeError("the load generator answered with something unexpected")
-        return result
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._connection.send(None)
-        self._process.join(2.0)
-        if self._process.is_alive():
-            # Mid-job (Ctrl-C): nothing in it is worth waiting for. This also ends a pending recv().
-            self._process.terminate()
-            self._process.join(2.0)
-        self._connection.close()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Figures.
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of already sorted values; NaN when there are none."""
-    if not values:
-        return float("nan")
-    rank = max(1, min(len(values), round(fraction * len(values) + 0.5)))
-    return values[rank - 1]
-
-
-def describe_errors(errors: Counter[str]) -> str:
-    total = sum(errors.values())
-    if not total:
-        return "0"
-    return f"{total} (" + ", ".join(f"{reason} x{count}" for reason, count in errors.most_common(3)) + ")"
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads) from /proc; 0 when it cannot be read."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    # Fields after the command name, which may itself contain spaces and parentheses.
-    fields = stat.rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all CPUs spent not idle since boot (steal included: it is time we did not get)."""
-    try:
-        first_line = Path("/proc/stat").read_text().splitlines()[0]
-    except (OSError, IndexError):
-        return 0.0
-    ticks = [int(value) for value in first_line.split()[1:9]]
-    idle, iowait = ticks[3], ticks[4]
-    return (sum(ticks) - idle - iowait) / CLOCK_TICKS
-
-
-MACHINE = "machine"
-BENCH = "bench"
-
-
-class CpuMeter:
-    """CPU seconds of the service processes, this process and the whole machine between readings."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self._pids = pids
-        self._last = self.read()
-        self._last_wall = time.perf_counter()
-
-    def read(self) -> dict[str, float]:
-        readings = {name: process_cpu_seconds(pid) for name, pid in self._pids.items()}
-        readings[BENCH] = _cpu_seconds_of_this_process()
-        readings[MACHINE] = machine_busy_seconds()
-        return readings
-
-    def lap(self) -> tuple[dict[str, float], float]:
-        """(CPU seconds used per name, wall seconds) since the previous lap."""
-        now, wall = self.read(), time.perf_counter()
-        used = {name: now[name] - self._last[name] for name in now}
-        elapsed = wall - self._last_wall
-        self._last, self._last_wall = now, wall
-        return used, elapsed
-
-
-@dataclass(frozen=True)
-class LevelCpu:
-    """CPU seconds each process used during one job, what the job did, and what others took meanwhile."""
-
-    used: dict[str, float]
-    seconds: float
-    requests: int
-    other: float
-
-    @classmethod
-    def of(cls, result: LoadResult, lap: tuple[dict[str, float], float]) -> LevelCpu:
-        readings, seconds = lap
-        used = {name: value for name, value in readings.items() if name != MACHINE}
-        used["generator"] = result.generator_cpu_seconds
-        other = max(0.0, readings[MACHINE] - sum(used.values()))
-        return cls(used, max(seconds, 1e-9), max(result.job_requests, 1), other)
-
-    def percent(self, name: str) -> float:
-        return self.used[name] / self.seconds * 100
-
-    def ours_percent(self) -> float:
-        return sum(self.used.values()) / self.seconds * 100
-
-    def other_percent(self) -> float:
-        return self.other / self.seconds * 100
-
-    def micros_per_token(self, name: str) -> float:
-        return self.used[name] / self.requests * 1e6
-
-
-def cpu_columns(cpu: LevelCpu) -> str:
-    names = ("gateway", "allocator", "generator")
-    percents = " ".join(f"{cpu.percent(name):5.0f}" for name in names)
-    per_token = " ".join(f"{cpu.micros_per_token(name):5.0f}" for name in names)
-    return f"{percents} {cpu.ours_percent():5.0f} {cpu.other_percent():5.0f} | {per_token}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -566,7 +286,7 @@ async def run_bench(run: Run) -> int:
             supervisor.raise_if_exited("during the run")
             latencies = sorted(result.latencies_ms)
             rate = len(latencies) / result.window_seconds
-            cpu = LevelCpu.of(result, used)
+            cpu = LevelCpu.of(used, result.generator_cpu_seconds, result.job_requests)
             busiest_other = max(busiest_other, cpu.other_percent())
             if rate > best_rate:
                 best_rate, best_level, best_cpu = rate, level, cpu
@@ -601,22 +321,14 @@ async def run_bench(run: Run) -> int:
             latencies = sorted(result.latencies_ms)
             lags = sorted(result.send_lag_ms)
             open_p99[rate] = percentile(latencies, 0.99)
-            level_cpu = LevelCpu.of(result, used)
+            level_cpu = LevelCpu.of(used, result.generator_cpu_seconds, result.job_requests)
             busiest_other = max(busiest_other, level_cpu.other_percent())
-            cpu_text = " ".join(
-                f"{value:.0f}"
-                for value in (
-                    *(level_cpu.percent(name) for name in ("gateway", "allocator", "generator")),
-                    level_cpu.ours_percent(),
-                    level_cpu.other_percent(),
-                )
-            )
             print(
                 f"  {rate:>8,.0f} {result.sent / result.window_seconds:>8,.0f} "
                 f"{len(latencies) / result.window_seconds:>8,.0f} {percentile(latencies, 0.5):>7.1f} "
                 f"{open_p99[rate]:>7.1f} {latencies[-1] if latencies else float('nan'):>7.1f}  "
                 f"{describe_errors(result.errors):<8} {result.max_in_flight:>9} "
-                f"{percentile(lags, 0.99):>9.1f} ms | {cpu_text}"
+                f"{percentile(lags, 0.99):>9.1f} ms | {cpu_percents(level_cpu)}"
             )
 
         print("\n5. summary")

@@ -23,15 +23,8 @@ from typing import Any
 
 import aiohttp
 
-from tools.bench import (
-    LoadGenerator,
-    OpenLoopJob,
-    bench_environment,
-    bench_ports,
-    describe_errors,
-    percentile,
-    request_json,
-)
+from tools.bench import bench_environment, bench_ports, request_json
+from tools.loadgen import LoadGenerator, OpenLoopJob, describe_errors, percentile
 from tools.local_system import Supervisor
 from tools.sse_client import read_events
 

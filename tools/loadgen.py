@@ -1,0 +1,206 @@
+"""The load generator: POSTs viewer-token requests in closed or open loop from a process of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import multiprocessing
+import multiprocessing.connection
+import signal
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from tools.bench_cpu import cpu_seconds_of_this_process
+
+REQUEST_TIMEOUT_SECONDS = 10.0
+OPEN_LOOP_MAX_CONNECTIONS = 256
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+@dataclass(frozen=True)
+class ClosedLoopJob:
+    url: str
+    concurrency: int
+    warmup: float
+    seconds: float
+    id_prefix: str
+
+
+@dataclass(frozen=True)
+class OpenLoopJob:
+    url: str
+    rate: float
+    warmup: float
+    seconds: float
+    id_prefix: str
+
+
+@dataclass
+class LoadResult:
+    """What one job measured; latencies (ms) and counts cover the measured window only."""
+
+    window_seconds: float
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    # The whole job (warm-up included), to relate the processes' CPU to the work done.
+    job_seconds: float = 0.0
+    job_requests: int = 0
+    generator_cpu_seconds: float = 0.0
+    # Open loop only.
+    sent: int = 0
+    send_lag_ms: list[float] = field(default_factory=list)
+    max_in_flight: int = 0
+
+
+async def _post_viewer(session: aiohttp.ClientSession, url: str, user_id: str) -> str | None:
+    """None on 200, else a short reason (the status, or the exception's name)."""
+    body = b'{"userId":"' + user_id.encode("ascii") + b'"}'
+    try:
+        async with session.post(url, data=body, headers=JSON_HEADERS) as response:
+            await response.read()
+            return None if response.status == 200 else str(response.status)
+    except (aiohttp.ClientError, TimeoutError) as error:
+        return type(error).__name__
+
+
+def _session(connections: int) -> aiohttp.ClientSession:
+    # Keep-alive is aiohttp's default; the pool is the concurrency, so no request waits for a socket.
+    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
+    return aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
+    )
+
+
+async def _closed_loop(job: ClosedLoopJob) -> LoadResult:
+    job_started, cpu_started = time.perf_counter(), cpu_seconds_of_this_process()
+    result = LoadResult(window_seconds=job.seconds)
+    async with _session(job.concurrency) as session:
+        window_start = time.perf_counter() + job.warmup
+        window_end = window_start + job.seconds
+        sequence = itertools.count()
+
+        async def user() -> None:
+            while (started := time.perf_counter()) < window_end:
+                error = await _post_viewer(session, job.url, f"{job.id_prefix}-{next(sequence)}")
+                done = time.perf_counter()
+                result.job_requests += 1
+                if window_start <= done < window_end:
+                    if error is None:
+                        result.latencies_ms.append((done - started) * 1000)
+                    else:
+                        result.errors[error] += 1
+
+        await asyncio.gather(*(user() for _ in range(job.concurrency)))
+    result.job_seconds = time.perf_counter() - job_started
+    result.generator_cpu_seconds = cpu_seconds_of_this_process() - cpu_started
+    return result
+
+
+async def _open_loop(job: OpenLoopJob) -> LoadResult:
+    job_started, cpu_started = time.perf_counter(), cpu_seconds_of_this_process()
+    result = LoadResult(window_seconds=job.seconds)
+    interval = 1.0 / job.rate
+    total = int((job.warmup + job.seconds) * job.rate)
+    first_measured = int(job.warmup * job.rate)
+    in_flight = 0
+    async with _session(OPEN_LOOP_MAX_CONNECTIONS) as session:
+        start = time.perf_counter() + 0.01
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(index: int, scheduled: float) -> None:
+            nonlocal in_flight
+            in_flight += 1
+            if index >= first_measured:
+                result.max_in_flight = max(result.max_in_flight, in_flight)
+            error = await _post_viewer(session, job.url, f"{job.id_prefix}-{index}")
+            in_flight -= 1
+            result.job_requests += 1
+            if index < first_measured:
+                return
+            if error is None:
+                result.latencies_ms.append((time.perf_counter() - scheduled) * 1000)
+            else:
+                result.errors[error] += 1
+
+        index = 0
+        while index < total:
+            now = time.perf_counter()
+            due = start + index * interval
+            if due > now:
+                await asyncio.sleep(due - now)
+                continue
+            # Everything already due goes now: a late scheduler sends a burst, as real clients would.
+            while index < total and (scheduled := start + index * interval) <= now:
+                if index >= first_measured:
+                    result.sent += 1
+                    result.send_lag_ms.append((now - scheduled) * 1000)
+                task = asyncio.create_task(one(index, scheduled))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                index += 1
+        await asyncio.gather(*tasks)
+    result.job_seconds = time.perf_counter() - job_started
+    result.generator_cpu_seconds = cpu_seconds_of_this_process() - cpu_started
+    return result
+
+
+def _generator_main(connection: multiprocessing.connection.Connection) -> None:
+    """The load generator process: runs jobs from the pipe until it reads None."""
+    # Ctrl-C reaches the whole process group; the parent decides when this process ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while (job := connection.recv()) is not None:
+        if isinstance(job, ClosedLoopJob):
+            connection.send(asyncio.run(_closed_loop(job)))
+        else:
+            connection.send(asyncio.run(_open_loop(job)))
+
+
+class LoadGenerator:
+    """The load generator's process, so it never shares a GIL with the code it measures.
+
+    Spawned rather than forked: this process runs an event loop.
+    """
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._connection, child_end = context.Pipe()
+        self._process = context.Process(target=_generator_main, args=(child_end,), daemon=True)
+        self._process.start()
+        child_end.close()
+
+    async def run(self, job: ClosedLoopJob | OpenLoopJob) -> LoadResult:
+        self._connection.send(job)
+        result = await asyncio.get_running_loop().run_in_executor(None, self._connection.recv)
+        if not isinstance(result, LoadResult):
+            raise RuntimeError("the load generator answered with something unexpected")
+        return result
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._connection.send(None)
+        self._process.join(2.0)
+        if self._process.is_alive():
+            # Mid-job (Ctrl-C): nothing in it is worth waiting for. This also ends a pending recv().
+            self._process.terminate()
+            self._process.join(2.0)
+        self._connection.close()
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of already sorted values; NaN when there are none."""
+    if not values:
+        return float("nan")
+    rank = max(1, min(len(values), round(fraction * len(values) + 0.5)))
+    return values[rank - 1]
+
+
+def describe_errors(errors: Counter[str]) -> str:
+    total = sum(errors.values())
+    if not total:
+        return "0"
+    return f"{total} (" + ", ".join(f"{reason} x{count}" for reason, count in errors.most_common(3)) + ")"
