@@ -22,6 +22,12 @@ def eventually(condition: Callable[[], Any], what: str, within: float = 15) -> A
         time.sleep(0.2)
 
 
+def eventually_on(page: Page, condition: Callable[[], Any], what: str, within: float = 15) -> Any:
+    """eventually() for what Playwright handlers (routes, routed sockets) record: each poll goes
+    through the page, since the sync API delivers events to handlers only while it is called."""
+    return eventually(lambda: page.evaluate("true") and condition(), what, within)
+
+
 def connected_participants(ivs: Any, stage_arn: str) -> dict[str, dict[str, Any]]:
     """participantId -> summary for the CONNECTED participants of the Stage's active session."""
     session_id = ivs.get_stage(arn=stage_arn)["stage"].get("activeSessionId")

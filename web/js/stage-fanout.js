@@ -4,6 +4,9 @@
 // add/remove/sync are keyed by stageArn; the publisher events stream drives them (snapshot -> sync,
 // stage-added -> add, stage-removed -> remove). A Stage deleted under us (STAGE_LEFT with reason
 // stage-deleted, which can arrive just before the stream's stage-removed) is dropped quietly.
+//
+// Problems (onProblem) are per Stage and always describe the Stage as it is now: removing a Stage
+// withdraws its problem, and a Stage joined again keeps its old problem only until the new join works.
 
 import { describeStageError } from './sdk.js';
 
@@ -43,6 +46,8 @@ export class StageFanout {
   /**
    * Adds Stages we are not on yet and leaves the ones no longer listed. A Stage we gave up on (join
    * failed, left) is joined again with the fresh token: a snapshot is the natural moment to retry.
+   * A Stage whose join is still under way keeps the fresh token in reserve, in case that join fails
+   * (its token may be the bad one the snapshot came to replace).
    */
   sync(tokens) {
     const wanted = new Set(tokens.map((t) => t.stageArn));
@@ -51,28 +56,15 @@ export class StageFanout {
     }
     for (const token of tokens) {
       const entry = this.entries.get(token.stageArn);
-      if (entry && (entry.publishState === 'errored' || entry.publishState === 'left')) {
-        this.remove(token.stageArn);
-      }
-      this.add(token);
+      if (!entry) this.add(token);
+      else if (entry.publishState === 'errored' || entry.publishState === 'left') this.rejoin(entry, token);
+      else if (entry.joining) entry.spareToken = token;
     }
   }
 
   add(tokenInfo) {
     if (this.entries.has(tokenInfo.stageArn)) return;
-    const entry = {
-      stageArn: tokenInfo.stageArn,
-      participantId: tokenInfo.participantId,
-      publishState: 'joining',
-      connectionState: null,
-      problem: null,
-      stage: null,
-      clones: [],
-      published: false,
-    };
-    this.entries.set(entry.stageArn, entry);
-    this.join(entry, tokenInfo.token);
-    this.onChange();
+    this.start(tokenInfo, null);
   }
 
   remove(stageArn) {
@@ -80,6 +72,8 @@ export class StageFanout {
     if (!entry) return;
     this.entries.delete(stageArn);
     this.teardown(entry);
+    // The Stage is no longer ours: what went wrong on it is no longer a problem of this page.
+    if (entry.problem) this.onProblem(stageArn, null);
     this.onChange();
   }
 
@@ -88,6 +82,32 @@ export class StageFanout {
     const left = this.stageArns;
     for (const stageArn of left) this.remove(stageArn);
     return left;
+  }
+
+  /** Leaves a Stage we gave up on and joins it again with a new token; its problem stays until that works. */
+  rejoin(entry, tokenInfo) {
+    this.teardown(entry);
+    this.start(tokenInfo, entry.problem);
+  }
+
+  /** A new entry for the Stage, joined with the token; `problem` is the previous entry's, still shown. */
+  start(tokenInfo, problem) {
+    const entry = {
+      stageArn: tokenInfo.stageArn,
+      participantId: tokenInfo.participantId,
+      publishState: 'joining',
+      connectionState: null,
+      problem,
+      inheritedProblem: problem, // cleared once this join works, unless a newer problem replaced it
+      joining: true, // join() has not settled yet
+      spareToken: null, // a fresher token from a snapshot that arrived while joining
+      stage: null,
+      clones: [],
+      published: false,
+    };
+    this.entries.set(entry.stageArn, entry);
+    this.join(entry, tokenInfo.token);
+    this.onChange();
   }
 
   join(entry, token) {
@@ -112,6 +132,7 @@ export class StageFanout {
     try {
       stage = new Stage(token, strategy); // throws at once on a malformed token
     } catch (error) {
+      entry.joining = false;
       entry.publishState = 'errored';
       this.setProblem(entry, `cannot join: ${describeStageError(this.sdk, error)}`);
       return;
@@ -160,12 +181,24 @@ export class StageFanout {
       this.onChange();
     });
 
-    stage.join().catch((error) => {
-      if (!current()) return;
-      entry.publishState = 'errored';
-      this.setProblem(entry, `join failed: ${describeStageError(this.sdk, error)}`);
-      this.onChange();
-    });
+    stage.join().then(
+      () => {
+        if (!current()) return;
+        entry.joining = false;
+        entry.spareToken = null;
+        if (entry.inheritedProblem !== null && entry.problem === entry.inheritedProblem) this.setProblem(entry, null);
+        this.onChange();
+      },
+      (error) => {
+        if (!current()) return;
+        entry.joining = false;
+        entry.publishState = 'errored';
+        this.setProblem(entry, `join failed: ${describeStageError(this.sdk, error)}`);
+        // A snapshot that came while this join was under way brought a token we have not tried yet.
+        if (entry.spareToken) this.rejoin(entry, entry.spareToken);
+        else this.onChange();
+      },
+    );
   }
 
   setPublished(entry, published) {
