@@ -1,0 +1,342 @@
+"""The token bench, steps 1 to 5 of `make bench`: raw signing, then viewer tokens through the system."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import secrets
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+import cryptography
+
+from services.allocator.tokens import SelfSignedMinter, StageEndpoints
+from services.common import jwt_es384
+from tools.bench_cpu import CpuMeter, LevelCpu, cpu_columns, cpu_percents
+from tools.bench_system import BENCH_FAILURES, ROOM, BenchSystem, request_json
+from tools.loadgen import (
+    ClosedLoopJob,
+    LoadGenerator,
+    LoadResult,
+    OpenLoopJob,
+    describe_errors,
+    percentile,
+)
+from tools.local_system import SERVICES
+
+TARGET_TOKENS_PER_SECOND = 2000.0
+TARGET_P99_MS = 25.0
+SIGNING_SECONDS = 2.0
+WARMUP_SECONDS = 1.0
+STAGES = 4
+# Enough Stages that placement has a choice, and room enough that the autoscaler stays out of the way.
+SETTINGS = {
+    "FANOUT_MIN_STAGES": str(STAGES),
+    "FANOUT_STAGE_CAPACITY": "10000",
+    "FANOUT_STAGE_HARD_LIMIT": "100000",
+}
+# Above this much CPU used by processes outside the bench (% of one core), the figures are suspect.
+NOISY_OTHER_PERCENT = 15.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Baseline.
+
+
+def realistic_stage() -> StageEndpoints:
+    return StageEndpoints(
+        arn="arn:aws:ivs:us-east-1:123456789012:stage/AbCdEfGhIjKl",
+        events_url="wss://global.events.live-video.net",
+        whip_url="https://f99084460c35.global-bm.whip.live-video.net",
+    )
+
+
+async def measure_signing(seconds: float) -> tuple[int, float]:
+    """(tokens, elapsed) minting viewer tokens back to back with the allocator's own minter."""
+    minter = SelfSignedMinter(
+        jwt_es384.generate_private_key(), "arn:aws:ivs:us-east-1:123456789012:public-key/AbCdEfGhIjKl"
+    )
+    stage = realistic_stage()
+    attributes = {"room": ROOM, "role": "viewer"}
+    count = 0
+    started = time.perf_counter()
+    deadline = started + seconds
+    while True:
+        for _ in range(100):
+            await minter.mint(stage, f"viewer-{count}", False, True, attributes, 12 * 3600)
+            count += 1
+        if (now := time.perf_counter()) >= deadline:
+            return count, now - started
+
+
+@contextlib.contextmanager
+def pinned_to_one_cpu() -> Iterator[None]:
+    """Runs the block on one CPU, then restores the affinity (which children would inherit)."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+async def baseline() -> float:
+    """Step 1: tokens per second one core signs with nothing else running."""
+    print(f"\n1. baseline: raw ES384 signing on one core (SelfSignedMinter.mint, {SIGNING_SECONDS:.0f} s)")
+    with pinned_to_one_cpu():
+        signed, elapsed = await measure_signing(SIGNING_SECONDS)
+    print(f"   {signed / elapsed:,.0f} tokens/s   {elapsed / signed * 1e6:.1f} µs/token")
+    return signed / elapsed
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. The system.
+
+
+async def start_system(system: BenchSystem) -> None:
+    ports = system.ports
+    print(
+        f"\n2. system: gateway {system.base}, IVS emulator :{ports.ivslocal}, stage manager "
+        f":{ports.stagemanager}, allocator :{ports.allocator}, monitor :{ports.monitor}"
+    )
+    print(f"   state dir {system.state_dir}, services' logs in {system.log_path}")
+    await system.start()
+
+
+async def check_viewer_token(system: BenchSystem) -> None:
+    """Asks for the room's publisher tokens and one viewer token, and checks that token's claims."""
+    room = await system.publisher_tokens()
+    sample = await request_json("POST", system.viewer_url, b'{"userId":"bench-sample"}')
+    signing_key = jwt_es384.private_key_from_pem((system.state_dir / "signing-key.pem").read_bytes())
+    claims = jwt_es384.verify(sample["token"], signing_key.public_key())
+    if claims.get("user_id") != "bench-sample" or claims["capabilities"]["allow_publish"]:
+        raise RuntimeError("the sample viewer token does not carry the claims it should")
+    print(
+        f"   room {room['room']}: {len(room['tokens'])} Stages; sample viewer token verified "
+        f"({len(sample['token'])} chars, ES384)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3 and 4. Load.
+
+
+class MeteredLoad:
+    """Runs the generator's jobs against the system, with the CPU every process used during each."""
+
+    def __init__(self, system: BenchSystem, generator: LoadGenerator) -> None:
+        self.url = system.viewer_url
+        self.meter = CpuMeter(system.pids)
+        self.busiest_other = 0.0
+        self._system = system
+        self._generator = generator
+
+    async def run(self, job: ClosedLoopJob | OpenLoopJob) -> tuple[LoadResult, LevelCpu]:
+        self.meter.lap()
+        result = await self._generator.run(job)
+        lap = self.meter.lap()
+        self._system.raise_if_exited()
+        cpu = LevelCpu.of(lap, result.generator_cpu_seconds, result.job_requests)
+        self.busiest_other = max(self.busiest_other, cpu.other_percent())
+        return result, cpu
+
+
+@dataclass
+class BestLevel:
+    """The closed-loop level with the highest throughput."""
+
+    rate: float = 0.0
+    concurrency: int = 0
+    cpu: LevelCpu | None = None
+
+
+def print_closed_header() -> None:
+    print(
+        f"  {'conc':>5} {'tok/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7}  "
+        f"{'errors':<8}| CPU % of one core (machine: {100 * (os.cpu_count() or 1)}) | CPU µs per token"
+    )
+    blank = " " * 48
+    print(f"  {blank}|    gw alloc   gen  ours other |    gw alloc   gen")
+
+
+async def closed_loop(load: MeteredLoad, levels: Sequence[int], seconds: float) -> BestLevel:
+    """Step 3: one row per concurrency level."""
+    print(
+        f"\n3. closed loop: a new userId per request, {WARMUP_SECONDS:.0f} s warm-up + "
+        f"{seconds:.0f} s per level"
+    )
+    print_closed_header()
+    best = BestLevel()
+    for level in levels:
+        result, cpu = await load.run(
+            ClosedLoopJob(load.url, level, WARMUP_SECONDS, seconds, f"c{level}-{secrets.token_hex(3)}")
+        )
+        latencies = sorted(result.latencies_ms)
+        rate = len(latencies) / result.window_seconds
+        if rate > best.rate:
+            best = BestLevel(rate, level, cpu)
+        print(
+            f"  {level:>5} {rate:>8,.0f} {percentile(latencies, 0.5):>7.1f} "
+            f"{percentile(latencies, 0.9):>7.1f} {percentile(latencies, 0.99):>7.1f}  "
+            f"{describe_errors(result.errors):<8}| {cpu_columns(cpu)}"
+        )
+    return best
+
+
+@dataclass
+class OpenLoopRates:
+    """The open loop's rates (half the best closed-loop rate, and the target's half rate if higher)."""
+
+    half_best: float
+    p99_ms: dict[float, float] = field(default_factory=dict)
+
+    def rates(self) -> list[float]:
+        rates = [self.half_best]
+        if self.half_best < TARGET_TOKENS_PER_SECOND / 2:
+            rates.append(TARGET_TOKENS_PER_SECOND / 2)
+        return [rate for rate in rates if rate >= 1]
+
+
+async def open_loop(load: MeteredLoad, best: BestLevel, seconds: float) -> OpenLoopRates:
+    """Step 4: one row per rate, latency counted from each request's scheduled send time."""
+    print(
+        f"\n4. open loop: fixed schedule, latency from the scheduled send time, "
+        f"{seconds:.0f} s after {WARMUP_SECONDS / 2:.1f} s warm-up"
+    )
+    print(
+        f"  {'target/s':>8} {'sent/s':>8} {'ok/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}  "
+        f"{'errors':<8} {'in flight':>9} {'send lag p99':>12} | CPU %: gw alloc gen ours other"
+    )
+    figures = OpenLoopRates(best.rate / 2)
+    for rate in figures.rates():
+        result, cpu = await load.run(
+            OpenLoopJob(load.url, rate, WARMUP_SECONDS / 2, seconds, f"o{rate:.0f}-{secrets.token_hex(3)}")
+        )
+        latencies = sorted(result.latencies_ms)
+        figures.p99_ms[rate] = percentile(latencies, 0.99)
+        print(
+            f"  {rate:>8,.0f} {result.sent / result.window_seconds:>8,.0f} "
+            f"{len(latencies) / result.window_seconds:>8,.0f} {percentile(latencies, 0.5):>7.1f} "
+            f"{figures.p99_ms[rate]:>7.1f} {latencies[-1] if latencies else float('nan'):>7.1f}  "
+            f"{describe_errors(result.errors):<8} {result.max_in_flight:>9} "
+            f"{percentile(sorted(result.send_lag_ms), 0.99):>9.1f} ms | {cpu_percents(cpu)}"
+        )
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Summary.
+
+
+def summarize_throughput(best: BestLevel, sign_rate: float) -> None:
+    verdict = "MET" if best.rate >= TARGET_TOKENS_PER_SECOND else "MISSED"
+    print(
+        f"   best throughput    {best.rate:,.0f} tokens/s (concurrency {best.concurrency}); target >= "
+        f"{TARGET_TOKENS_PER_SECOND:,.0f}/s: {verdict} ({best.rate / TARGET_TOKENS_PER_SECOND:.0%})"
+    )
+    print(
+        f"   vs raw signing     {best.rate:,.0f} / {sign_rate:,.0f} = {best.rate / sign_rate:.2f} "
+        f"of one core's signing rate"
+    )
+    if best.cpu is None:
+        return
+    cpus = os.cpu_count() or 1
+    services_micros = best.cpu.micros_per_token("gateway") + best.cpu.micros_per_token("allocator")
+    generator_micros = best.cpu.micros_per_token("generator")
+    print(
+        f"   at the best level  the bench's processes used {best.cpu.ours_percent():.0f} % of "
+        f"{100 * cpus} %; CPU per token: gateway + allocator {services_micros:.0f} µs "
+        f"(signing {1e6 / sign_rate:.0f} µs of it), load generator {generator_micros:.0f} µs"
+    )
+    print(
+        f"   without the generator (an estimate, not a measurement): {cpus} CPUs / "
+        f"{services_micros:.0f} µs = {cpus * 1e6 / services_micros:,.0f} tokens/s at most"
+    )
+
+
+def summarize_latency(figures: OpenLoopRates) -> None:
+    for rate, p99 in figures.p99_ms.items():
+        verdict = "MET" if p99 <= TARGET_P99_MS else "MISSED"
+        label = "half the best" if rate == figures.half_best else "the target's half rate"
+        print(f"   p99 at {rate:,.0f}/s ({label}): {p99:.1f} ms; target <= {TARGET_P99_MS:.0f} ms: {verdict}")
+
+
+async def summarize_system(system: BenchSystem, load: MeteredLoad, started: float) -> None:
+    room = await system.room()
+    print(
+        f"   room {ROOM} at the end: {room.get('viewers')} viewers on "
+        f"{len(room.get('stages', []))} Stages (the autoscaler may have grown the pool)"
+    )
+    wall = time.perf_counter() - started
+    totals = load.meter.read()
+    print(
+        "   CPU seconds since start: "
+        + ", ".join(f"{name} {totals[name]:.1f}" for name, _ in SERVICES)
+        + f" (wall {wall:.0f} s, {os.cpu_count()} CPUs)"
+    )
+    if load.busiest_other >= NOISY_OTHER_PERCENT:
+        print(
+            f"   WARNING: other processes on this machine used up to {load.busiest_other:.0f} % of a CPU "
+            "during a level (column 'other'); these figures understate the system. Rerun when idle."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run.
+
+
+def header() -> None:
+    print("ivs-fanout bench: viewer tokens through HTTP -> gateway -> allocator -> signed ES384 token")
+    print(
+        f"machine: {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}, cryptography {cryptography.__version__}, "
+        f"aiohttp {aiohttp.__version__}"
+    )
+
+
+async def run_bench(levels: Sequence[int], seconds: float, keep: bool) -> int:
+    """Steps 1 to 5; 0 when the system answered throughout, 1 when it failed."""
+    header()
+    sign_rate = await baseline()
+    system: BenchSystem | None = None
+    generator: LoadGenerator | None = None
+    succeeded = False
+    started = time.perf_counter()
+    try:
+        system = BenchSystem("fanout-bench-", SETTINGS)
+        await start_system(system)
+        generator = LoadGenerator()
+        await check_viewer_token(system)
+        load = MeteredLoad(system, generator)
+        best = await closed_loop(load, levels, seconds)
+        open_rates = await open_loop(load, best, seconds)
+        print("\n5. summary")
+        summarize_throughput(best, sign_rate)
+        summarize_latency(open_rates)
+        await summarize_system(system, load, started)
+        succeeded = True
+        return 0
+    except BENCH_FAILURES as error:
+        print(f"\nbench: failed: {error}", file=sys.stderr)
+        return 1
+    except asyncio.CancelledError:
+        print("\nbench: interrupted", file=sys.stderr)
+        raise
+    finally:
+        if generator is not None:
+            generator.close()
+        if system is not None:
+            print("stopping the system...", flush=True)
+            await system.stop()
+            if not succeeded:
+                print(f"bench: the services' logs are kept in {system.log_path}", file=sys.stderr)
+            elif not keep:
+                system.remove_state_dir()
