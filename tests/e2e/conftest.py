@@ -72,8 +72,11 @@ def start_system(state_dir: Path, **settings: str) -> Iterator[RunningSystem]:
     log_path = state_dir / "system.log"
     gateway_port = free_port()
     ivslocal_port = free_port()
+    # Local mode unless a module asks for AWS settings itself: an AWS region in the developer's shell
+    # would otherwise switch every service to AWS mode (read_mode).
+    inherited = {k: v for k, v in os.environ.items() if k not in ("AWS_REGION", "AWS_DEFAULT_REGION")}
     env = {
-        **os.environ,
+        **inherited,
         "FANOUT_STATE_DIR": str(state_dir),
         "FANOUT_PUBLISHER_KEYS": PUBLISHER_KEY,
         "FANOUT_GATEWAY_PORT": str(gateway_port),
@@ -87,8 +90,6 @@ def start_system(state_dir: Path, **settings: str) -> Iterator[RunningSystem]:
         "FANOUT_VIEWER_LEASE_SECONDS": "30",
         **settings,
     }
-    env.pop("AWS_REGION", None)
-    env.pop("AWS_DEFAULT_REGION", None)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "tools.run_local"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
