@@ -1,0 +1,171 @@
+"""Hostile clients at the socket: secrets stay out of logs and answers, every refusal is the API's JSON,
+slow and idle connections end, the connection cap holds, and event streams outlive all of it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from multidict import CIMultiDict
+from yarl import URL
+
+from services.common.logs import JsonFormatter
+from tests.integration.system import System, running_system
+from tests.integration.test_gateway_bad_input import (
+    assert_error_shape,
+    populated,  # noqa: F401 - a fixture, used by name
+    session,  # noqa: F401 - a fixture, used by name
+)
+
+# Every wait on the gateway is bounded by this; generous for a busy 2-core machine, and far below
+# the aiohttp default keep-alive (3630 s) that let such connections live for an hour before.
+WITHIN = 20.0
+Response = tuple[int, CIMultiDict[str], bytes]
+
+
+# --- raw HTTP over a socket ---------------------------------------------------------------------
+
+
+def gateway_port(system: System) -> int:
+    port = URL(system.gateway_url).port
+    assert port is not None
+    return port
+
+
+@contextlib.asynccontextmanager
+async def connection(system: System) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway_port(system))
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def parse_head(head: bytes) -> tuple[int, CIMultiDict[str]]:
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in header_lines:
+        if line:
+            name, _, value = line.partition(":")
+            headers.add(name.strip(), value.strip())
+    return int(status_line.split(" ")[1]), headers
+
+
+async def read_response(reader: asyncio.StreamReader) -> Response:
+    """One response with a Content-Length body, leaving the connection open for the next one."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+    status, headers = parse_head(head[:-4])
+    body = await asyncio.wait_for(reader.readexactly(int(headers.get("Content-Length", "0"))), WITHIN)
+    return status, headers, body
+
+
+async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the gateway sends until it closes the connection; fails if it never does."""
+    return await asyncio.wait_for(reader.read(), WITHIN)
+
+
+def parse_response(raw: bytes) -> Response:
+    head, separator, body = raw.partition(b"\r\n\r\n")
+    assert separator, raw
+    status, headers = parse_head(head)
+    return status, headers, body
+
+
+async def exchange(system: System, request: bytes) -> Response:
+    """Sends raw bytes on a new connection; the one answer, read until the gateway closes."""
+    async with connection(system) as (reader, writer):
+        writer.write(request)
+        await writer.drain()
+        return parse_response(await read_until_closed(reader))
+
+
+def request_bytes(
+    method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"", close: bool = True
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: gateway"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def assert_key_never_logged(records: list[logging.LogRecord], key: str) -> None:
+    """Not in a message, a traceback, a stack or an extra field, in either of our log formats."""
+    plain, json_lines = logging.Formatter(), JsonFormatter()
+    for record in records:
+        for text in (record.getMessage(), plain.format(record), json_lines.format(record)):
+            assert key not in text, f"{record.name} logged the publisher key: {text[:300]!r}"
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """Every record of every logger, debug included (aiohttp logs some rejections at debug)."""
+    caplog.set_level(logging.DEBUG)
+    return caplog
+
+
+# --- 3. static files ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def web_system(tmp_path: Path) -> AsyncIterator[System]:
+    """A web folder of our own: a file, a folder, and symlinks that lead out of it or nowhere."""
+    web = tmp_path / "web"
+    (web / "js").mkdir(parents=True)
+    (web / "js" / "app.js").write_text("export const ok = true;\n")
+    (web / "watch.html").write_text("<!doctype html><title>watch</title>\n")
+    (tmp_path / "outside.txt").write_text("OUTSIDE THE WEB FOLDER\n")
+    (web / "js" / "escape.txt").symlink_to(tmp_path / "outside.txt")
+    (web / "loop").symlink_to(web / "loop")
+    async with running_system(tmp_path, FANOUT_WEB_DIR=str(web)) as running:
+        yield running
+
+
+MISSING_STATIC = [
+    "/static/missing.js",
+    "/static/js/missing.js",
+    "/static/js",
+    "/static/js/",
+    "/static/",
+    "/static/../outside.txt",
+    "/static/js/../../outside.txt",
+    "/static/%2e%2e/outside.txt",
+    "/static/js/%2e%2e%2f%2e%2e%2foutside.txt",
+    "/static/..%2foutside.txt",
+    "/static/%2fetc%2fpasswd",
+    "/static//etc/passwd",
+    "/static/js/escape.txt",
+    "/static/loop",
+    "/static/a%00b",
+    "/static/%ff%fe",
+]
+
+
+async def test_missing_static_files_answer_404_in_the_error_shape(web_system: System) -> None:
+    for path in MISSING_STATIC:
+        for method in ("GET", "HEAD"):
+            status, headers, body = await exchange(web_system, request_bytes(method, path))
+
+            assert status == 404, (method, path, body)
+            assert headers["Content-Type"].startswith("application/json"), (method, path)
+            assert b"OUTSIDE" not in body and b"root:" not in body, (method, path)
+            if method == "GET":
+                assert_error_shape(status, headers, body, 404, "not_found")
+
+
+async def test_static_files_and_pages_are_still_served(web_system: System) -> None:
+    status, headers, body = await exchange(web_system, request_bytes("GET", "/static/js/app.js"))
+    assert status == 200
+    assert body == b"export const ok = true;\n"
+
+    status, headers, body = await exchange(web_system, request_bytes("GET", "/watch"))
+    assert status == 200
+    assert headers["Cache-Control"] == "no-cache"
