@@ -12,13 +12,22 @@ class ApiError(Exception):
     """A client-facing error: the HTTP status, a snake_case code and a message safe to show anyone."""
 
     def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        close_connection: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers: dict[str, str] = dict(headers or {})
+        # Set when the rest of the request cannot be trusted or awaited (a body that did not decode):
+        # the connection is closed after the answer instead of kept alive.
+        self.close_connection = close_connection
 
 
 class InvalidArgument(ApiError):
@@ -29,6 +38,16 @@ class InvalidArgument(ApiError):
 class InvalidJson(ApiError):
     def __init__(self, message: str = "The request body is not valid JSON.") -> None:
         super().__init__(400, "invalid_json", message)
+
+
+class MalformedBody(ApiError):
+    def __init__(self) -> None:
+        super().__init__(
+            400,
+            "malformed_body",
+            "The request body could not be read; check its Content-Encoding and Transfer-Encoding.",
+            close_connection=True,
+        )
 
 
 class UnsupportedMediaType(ApiError):

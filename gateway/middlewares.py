@@ -167,7 +167,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        response = error_response(exc.status, exc.code, exc.message, exc.headers)
+        if exc.close_connection:
+            response.force_close()
+        return response
     except UpstreamError as exc:
         mapped = api_error_from_grpc(exc.error)
         if mapped is None:

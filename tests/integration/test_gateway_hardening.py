@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
+import json
 import logging
-from collections.abc import AsyncIterator
+import zlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 from multidict import CIMultiDict
 from yarl import URL
@@ -16,9 +21,13 @@ from yarl import URL
 from services.common.logs import JsonFormatter
 from tests.integration.system import System, running_system
 from tests.integration.test_gateway_bad_input import (
+    JSON,
+    RESIDENT,
+    ROOM,
     assert_error_shape,
     populated,  # noqa: F401 - a fixture, used by name
     session,  # noqa: F401 - a fixture, used by name
+    snapshot,
 )
 
 # Every wait on the gateway is bounded by this; generous for a busy 2-core machine, and far below
@@ -110,6 +119,66 @@ def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     """Every record of every logger, debug included (aiohttp logs some rejections at debug)."""
     caplog.set_level(logging.DEBUG)
     return caplog
+
+
+# --- 2. a body that does not decode --------------------------------------------------------------
+
+
+def leave_body() -> bytes:
+    return json.dumps({"room": ROOM, "userId": RESIDENT}).encode()
+
+
+BAD_ENCODINGS = [
+    pytest.param(
+        "gzip", lambda: b"\x1f\x8b\x08\x00garbage" + leave_body(), "malformed_body", id="gzip-garbage"
+    ),
+    pytest.param("gzip", leave_body, "malformed_body", id="gzip-plain-json"),
+    pytest.param("deflate", lambda: b"\xff\xfe" + leave_body(), "malformed_body", id="deflate-garbage"),
+    # aiohttp checks that a deflate stream ends, not a gzip one: a gzip body cut short reads as the
+    # JSON prefix it holds, which the JSON parser refuses.
+    pytest.param("gzip", lambda: gzip.compress(leave_body())[:-12], "invalid_json", id="gzip-truncated"),
+]
+
+
+@pytest.mark.parametrize(("encoding", "payload", "code"), BAD_ENCODINGS)
+async def test_a_body_that_does_not_decode_is_a_400_and_changes_nothing(
+    system: System,
+    populated: dict[str, Any],  # noqa: F811 - the imported fixture
+    session: aiohttp.ClientSession,  # noqa: F811 - the imported fixture
+    encoding: str,
+    payload: Callable[[], bytes],
+    code: str,
+) -> None:
+    before = await snapshot(system)
+
+    # A leave: were any of these bodies read as JSON, the resident viewer's lease would be gone.
+    async with session.post(
+        f"{system.gateway_url}/api/viewer/leave",
+        data=payload(),
+        headers={"Content-Type": JSON, "Content-Encoding": encoding},
+    ) as response:
+        status, headers, raw = response.status, response.headers, await response.read()
+
+    assert_error_shape(status, headers, raw, 400, code)
+    assert await snapshot(system) == before
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_decodes_is_still_read(
+    system: System,
+    populated: dict[str, Any],  # noqa: F811 - the imported fixture
+    session: aiohttp.ClientSession,  # noqa: F811 - the imported fixture
+    encoding: str,
+) -> None:
+    compress = gzip.compress if encoding == "gzip" else zlib.compress
+    async with session.post(
+        f"{system.gateway_url}/api/viewer/leave",
+        data=compress(leave_body()),
+        headers={"Content-Type": JSON, "Content-Encoding": encoding},
+    ) as response:
+        assert response.status == 204, await response.text()
+
+    assert [entry for entry in (await snapshot(system))["leased"] if entry[2]] == []
 
 
 # --- 3. static files ------------------------------------------------------------------------------
