@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from aiohttp import web
-
 from gateway.app import create_app
 from gateway.auth import LOCAL_KEY_FILE, load_or_create_local_publisher_key
 from gateway.config import GatewaySettings
+from gateway.http_server import start_http_server
 from services.common.lifecycle import (
     freeze_startup_heap,
     run_service,
@@ -41,17 +40,9 @@ async def main() -> None:
             "created in" if created else "read from",
             settings.state_dir / LOCAL_KEY_FILE,
         )
-    runner = web.AppRunner(
-        # A broadcaster that goes away cancels its event stream at once, not at the next keep-alive.
-        create_app(settings),
-        handle_signals=False,
-        handler_cancellation=True,
-        shutdown_timeout=_SHUTDOWN_GRACE_SECONDS,
-    )
-    await runner.setup()
+    runner = await start_http_server(create_app(settings), settings, shutdown_timeout=_SHUTDOWN_GRACE_SECONDS)
     freeze_startup_heap()
     try:
-        await web.TCPSite(runner, settings.host, settings.port).start()
         for address in runner.addresses:
             log.info("gateway listening on http://%s:%s (%s mode)", address[0], address[1], settings.mode)
         await wait_for_stop_signal()

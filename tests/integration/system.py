@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.clients import GatewayClients
 from gateway.config import GatewaySettings
+from gateway.http_server import start_http_server
 from protos.fanout.v1 import allocator_pb2_grpc, stagemanager_pb2_grpc
 from services.allocator.config import read_settings as read_allocator_settings
 from services.allocator.server import AllocatorService, start_allocator
@@ -176,12 +176,9 @@ async def running_system(
                 "FANOUT_STAGEMANAGER_ADDR": f"127.0.0.1:{stagemanager.port}",
             }
         )
-        runner = web.AppRunner(
-            create_app(gateway_settings, registry=registries["gateway"]), handler_cancellation=True
+        runner = await start_http_server(
+            create_app(gateway_settings, registry=registries["gateway"]), gateway_settings
         )
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
         host, port = runner.addresses[0][:2]
         system = System(
             ivs=ivs,

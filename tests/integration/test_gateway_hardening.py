@@ -121,6 +121,100 @@ def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     return caplog
 
 
+# --- 1. the publisher key never reaches a log or an answer ---------------------------------------
+
+
+def malformed_requests(key: str) -> list[tuple[str, bytes, str]]:
+    """(what, raw request, expected error code): each carries the key where a parser will quote it."""
+    auth = f"Bearer {key}"
+    bad_gzip = {"Authorization": auth, "Content-Type": JSON, "Content-Encoding": "gzip"}
+    return [
+        (
+            "control byte in Authorization",
+            request_bytes("GET", "/api/rooms/main", {"Authorization": auth + "\x01"}),
+            "malformed_request",
+        ),
+        (
+            "NUL in Authorization",
+            request_bytes("GET", "/api/rooms/main", {"Authorization": auth + "\x00x"}),
+            "malformed_request",
+        ),
+        (
+            "Authorization padded past the header size limit",
+            request_bytes("GET", "/api/rooms/main", {"Authorization": auth + "x" * 9000}),
+            "headers_too_large",
+        ),
+        (
+            "key in a header name with a control byte",
+            request_bytes("GET", "/healthz", {f"X-{key}\x01": "1"}),
+            "malformed_request",
+        ),
+        (
+            "too many headers, each with the key",
+            request_bytes("GET", "/healthz", {f"X-Key-{index}": auth for index in range(200)}),
+            "malformed_request",
+        ),
+        (
+            "key in a garbage request line",
+            f"GET /{key} HTTP/1.1 trailing\r\nHost: gateway\r\n\r\n".encode(),
+            "malformed_request",
+        ),
+        (
+            "key as the method",
+            f"{key}\x01 / HTTP/1.1\r\nHost: gateway\r\n\r\n".encode(),
+            "malformed_request",
+        ),
+        (
+            "TLS on the plain-text port",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + key.encode(),
+            "malformed_request",
+        ),
+        (
+            "gzip body that does not decode",
+            request_bytes("POST", "/api/token/publisher-all", bad_gzip, b"not gzip " + key.encode()),
+            "malformed_body",
+        ),
+        (
+            "unsupported Content-Encoding",
+            request_bytes("POST", "/api/token/publisher-all", {**bad_gzip, "Content-Encoding": "br"}, b"{}"),
+            "malformed_body",
+        ),
+        (
+            "broken chunked framing",
+            request_bytes(
+                "POST",
+                "/api/token/publisher-all",
+                {"Authorization": auth, "Content-Type": JSON, "Transfer-Encoding": "chunked"},
+            ).replace(b"Content-Length: 0\r\n", b"")
+            + b"zz\r\n"
+            + key.encode()
+            + b"\r\n0\r\n\r\n",
+            "malformed_request",
+        ),
+    ]
+
+
+async def test_malformed_requests_never_put_the_publisher_key_in_logs_or_answers(
+    system: System, logs: pytest.LogCaptureFixture
+) -> None:
+    key = system.publisher_key
+    cases = malformed_requests(key)
+
+    answers = {what: await exchange(system, raw) for what, raw, _ in cases}
+
+    for what, _, code in cases:
+        status, headers, body = answers[what]
+        assert key.encode() not in body, what
+        assert status == 400, (what, body)
+        assert_error_shape(status, headers, body, 400, code)
+    # The refusals were logged (so this run can see a leak), each as one line without a traceback.
+    refusals = [record for record in logs.records if record.name == "gateway.http_server"]
+    assert refusals
+    assert not [record for record in refusals if record.exc_info]
+    assert not [record for record in logs.records if record.name.startswith("aiohttp")]
+    assert_key_never_logged(logs.records, key)
+
+
 # --- 2. a body that does not decode --------------------------------------------------------------
 
 
@@ -134,6 +228,9 @@ BAD_ENCODINGS = [
     ),
     pytest.param("gzip", leave_body, "malformed_body", id="gzip-plain-json"),
     pytest.param("deflate", lambda: b"\xff\xfe" + leave_body(), "malformed_body", id="deflate-garbage"),
+    pytest.param(
+        "deflate", lambda: zlib.compress(leave_body())[:-6], "malformed_body", id="deflate-truncated"
+    ),
     # aiohttp checks that a deflate stream ends, not a gzip one: a gzip body cut short reads as the
     # JSON prefix it holds, which the JSON parser refuses.
     pytest.param("gzip", lambda: gzip.compress(leave_body())[:-12], "invalid_json", id="gzip-truncated"),
