@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import validation
 from gateway.appkeys import CLIENTS, METRICS, PUBLISHER_AUTH, SETTINGS
-from gateway.errors import MalformedBody, UpstreamError, calling
+from gateway.errors import BodyTimeout, MalformedBody, UpstreamError, calling
 from gateway.shapes import participant_token_json, state_name
 from protos.fanout.v1 import allocator_pb2, stagemanager_pb2
 
@@ -234,9 +234,15 @@ async def _health_status(stub: Any, limit_seconds: float) -> str:
 
 
 async def _json_body(request: web.Request, *, allow_text_plain: bool = False) -> dict[str, Any]:
+    # The whole body within the limit, not per chunk: a client dripping a byte a second would
+    # otherwise hold the connection and this handler for as long as it likes.
+    seconds = request.app[SETTINGS].http_body_timeout_seconds
     try:
-        # read() enforces client_max_size, so a body without Content-Length cannot exceed the limit.
-        body = await request.read()
+        async with asyncio.timeout(seconds):
+            # read() enforces client_max_size, so a body without Content-Length cannot exceed the limit.
+            body = await request.read()
+    except TimeoutError:
+        raise BodyTimeout(seconds) from None
     except web.RequestPayloadError:
         # aiohttp decodes Content-Encoding and chunked framing while reading; garbage there is the
         # client's mistake, not ours.

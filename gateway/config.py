@@ -43,6 +43,18 @@ class GatewaySettings:
     readiness_timeout_seconds: float = 1.0
     # Comment lines on an idle event stream, so proxies and browsers keep it open.
     sse_keepalive_seconds: float = 15.0
+    # A request's headers must be complete this long after its first byte (or after the connection
+    # opened): bounds slow-header (slowloris) connections. Real clients send headers in one packet.
+    http_header_timeout_seconds: float = 10.0
+    # A declared body must arrive this long after the headers; bodies are at most max_body_bytes.
+    http_body_timeout_seconds: float = 10.0
+    # A keep-alive connection with no new request is closed after this. Longer than the usual 60 s
+    # idle timeout of proxies and load balancers in front, so they close first and never reuse a
+    # connection the gateway is closing; longer than the watch page's heartbeat interval.
+    http_idle_seconds: float = 75.0
+    # Open connections (event streams included) per gateway process; beyond it new connections get a
+    # 503. Sized for thousands of viewers on direct keep-alive connections within the pod's memory.
+    http_max_connections: int = 10_000
 
     @property
     def heartbeat_seconds(self) -> int:
@@ -65,6 +77,15 @@ class GatewaySettings:
                     "FANOUT_PUBLISHER_KEYS: every key must be at least 16 printable ASCII characters"
                 )
         rate = env.float("FANOUT_RATE_LIMIT_PER_SECOND", 20.0, minimum=0)
+        header_timeout = env.float("FANOUT_HTTP_HEADER_TIMEOUT_SECONDS", 10.0, minimum=0.1, maximum=300.0)
+        idle = env.float("FANOUT_HTTP_IDLE_SECONDS", 75.0, minimum=0.1, maximum=3600.0)
+        if idle < header_timeout:
+            # aiohttp's idle timer keeps running while a request's headers arrive, so a shorter idle
+            # timeout would silently cut the header timeout too.
+            raise ConfigError(
+                f"FANOUT_HTTP_IDLE_SECONDS={idle} must be at least "
+                f"FANOUT_HTTP_HEADER_TIMEOUT_SECONDS={header_timeout}"
+            )
         web_dir_raw = env.raw("FANOUT_WEB_DIR")
         return cls(
             host=env.str("FANOUT_GATEWAY_HOST", "127.0.0.1", pattern=_HOST_PATTERN),
@@ -85,4 +106,10 @@ class GatewaySettings:
             log_json=env.bool("FANOUT_LOG_JSON", mode == "aws"),
             web_dir=Path(web_dir_raw) if web_dir_raw is not None else _REPO_WEB_DIR,
             sse_keepalive_seconds=env.float("FANOUT_SSE_KEEPALIVE_SECONDS", 15.0, minimum=1.0, maximum=300.0),
+            http_header_timeout_seconds=header_timeout,
+            http_body_timeout_seconds=env.float(
+                "FANOUT_HTTP_BODY_TIMEOUT_SECONDS", 10.0, minimum=0.1, maximum=300.0
+            ),
+            http_idle_seconds=idle,
+            http_max_connections=env.int("FANOUT_HTTP_MAX_CONNECTIONS", 10_000, minimum=1, maximum=1_000_000),
         )

@@ -25,8 +25,8 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers: dict[str, str] = dict(headers or {})
-        # Set when the rest of the request cannot be trusted or awaited (a body that did not decode):
-        # the connection is closed after the answer instead of kept alive.
+        # Set when the rest of the request cannot be trusted or awaited (a body that did not decode
+        # or did not arrive): the connection is closed after the answer instead of kept alive.
         self.close_connection = close_connection
 
 
@@ -46,6 +46,16 @@ class MalformedBody(ApiError):
             400,
             "malformed_body",
             "The request body could not be read; check its Content-Encoding and Transfer-Encoding.",
+            close_connection=True,
+        )
+
+
+class BodyTimeout(ApiError):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            408,
+            "body_timeout",
+            f"The request body did not arrive within {seconds:g} seconds.",
             close_connection=True,
         )
 

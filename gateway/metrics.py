@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 VIEWER_RESULTS = ("placed", "sticky", "refused", "not_found", "error")
 
@@ -24,6 +24,16 @@ class GatewayMetrics:
             "Time to answer an HTTP request, by route pattern and method.",
             ("route", "method"),
             buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.http_connections = Gauge(
+            "fanout_http_connections",
+            "Open HTTP connections to this gateway (at most FANOUT_HTTP_MAX_CONNECTIONS).",
+            registry=registry,
+        )
+        self.http_connections_refused = Counter(
+            "fanout_http_connections_refused_total",
+            "HTTP connections refused with 503 because FANOUT_HTTP_MAX_CONNECTIONS were open.",
             registry=registry,
         )
         self.viewer_assignments = Counter(

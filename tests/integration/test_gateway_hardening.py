@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import json
 import logging
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ from tests.integration.test_gateway_bad_input import (
     session,  # noqa: F401 - a fixture, used by name
     snapshot,
 )
+from tests.integration.waiting import eventually
 
 # Every wait on the gateway is bounded by this; generous for a busy 2-core machine, and far below
 # the aiohttp default keep-alive (3630 s) that let such connections live for an hour before.
@@ -335,3 +337,192 @@ async def test_static_files_and_pages_are_still_served(web_system: System) -> No
     status, headers, body = await exchange(web_system, request_bytes("GET", "/watch"))
     assert status == 200
     assert headers["Cache-Control"] == "no-cache"
+
+
+# --- 4. slow, idle and too many connections --------------------------------------------------------
+
+# Small timeouts so the slow-client tests end in seconds. The idle timeout is clearly longer than
+# the header timeout, so a 408 can only come from the header clock, and a silent close after a
+# response only from the idle one.
+FAST_TIMEOUTS = {
+    "FANOUT_HTTP_HEADER_TIMEOUT_SECONDS": "1",
+    "FANOUT_HTTP_BODY_TIMEOUT_SECONDS": "1",
+    "FANOUT_HTTP_IDLE_SECONDS": "4",
+    "FANOUT_SSE_KEEPALIVE_SECONDS": "1",
+}
+
+
+async def drip(writer: asyncio.StreamWriter, data: bytes, every: float = 0.2) -> None:
+    """Sends `data` a byte at a time, as a slow-loris client does, until done or disconnected."""
+    with contextlib.suppress(ConnectionError):
+        for index in range(len(data)):
+            writer.write(data[index : index + 1])
+            await writer.drain()
+            await asyncio.sleep(every)
+
+
+@pytest.fixture
+async def fast_system(tmp_path: Path) -> AsyncIterator[System]:
+    async with running_system(tmp_path, **FAST_TIMEOUTS) as running:
+        yield running
+
+
+async def test_slow_clients_with_the_key_never_put_it_in_logs(
+    fast_system: System, logs: pytest.LogCaptureFixture
+) -> None:
+    key = fast_system.publisher_key
+    # The key is with the gateway from the start; then the rest trickles in until a timeout ends it.
+    headers_so_far = f"GET /api/rooms/main HTTP/1.1\r\nAuthorization: Bearer {key}\r\n".encode()
+    body_so_far = (
+        request_bytes(
+            "POST", "/api/token/publisher-all", {"Authorization": f"Bearer {key}", "Content-Type": JSON}
+        ).replace(b"Content-Length: 0", b"Content-Length: 100")
+        + f'{{"room": "{key}'.encode()
+    )
+    slow_clients = [
+        (headers_so_far, b"X-Slow: 1\r\n" * 50, "header_timeout"),
+        (body_so_far, b" " * 100, "body_timeout"),
+    ]
+
+    for sent_at_once, trickle, code in slow_clients:
+        async with connection(fast_system) as (reader, writer):
+            writer.write(sent_at_once)
+            dripping = asyncio.create_task(drip(writer, trickle))
+            answer = await read_until_closed(reader)
+            dripping.cancel()
+        assert key.encode() not in answer
+        status, headers, body = parse_response(answer)
+        assert_error_shape(status, headers, body, 408, code)
+
+    assert_key_never_logged(logs.records, key)
+
+
+@pytest.mark.parametrize("kept_alive", [False, True], ids=["fresh", "kept-alive"])
+async def test_headers_that_drip_in_get_408_and_the_connection_closes(
+    fast_system: System, kept_alive: bool
+) -> None:
+    async with connection(fast_system) as (reader, writer):
+        if kept_alive:
+            # The header clock of a later request starts at its first byte, not at the last response.
+            writer.write(request_bytes("GET", "/healthz", close=False))
+            assert (await read_response(reader))[0] == 200
+        dripping = asyncio.create_task(drip(writer, b"GET /healthz HTTP/1.1\r\n" + b"X-Slow: 1\r\n" * 100))
+
+        answer = await read_until_closed(reader)
+
+        dripping.cancel()
+    status, headers, body = parse_response(answer)
+    assert_error_shape(status, headers, body, 408, "header_timeout")
+
+
+async def test_a_connection_that_sends_nothing_is_closed(fast_system: System) -> None:
+    async with connection(fast_system) as (reader, _):
+        assert await read_until_closed(reader) == b""
+
+
+async def test_an_idle_kept_alive_connection_is_closed(fast_system: System) -> None:
+    async with connection(fast_system) as (reader, writer):
+        writer.write(request_bytes("GET", "/healthz", close=False))
+        status, headers, _ = await read_response(reader)
+        assert status == 200 and headers.get("Connection", "").lower() != "close"
+
+        assert await read_until_closed(reader) == b""
+
+
+async def test_a_body_that_never_completes_gets_408_and_the_connection_closes(fast_system: System) -> None:
+    head = request_bytes("POST", "/api/viewer/heartbeat", {"Content-Type": JSON}, close=False)
+    head = head.replace(b"Content-Length: 0", b"Content-Length: 200")
+    async with connection(fast_system) as (reader, writer):
+        writer.write(head + b'{"room": "main", ')
+        dripping = asyncio.create_task(drip(writer, b" " * 200))
+
+        answer = await read_until_closed(reader)
+
+        dripping.cancel()
+    status, headers, body = parse_response(answer)
+    assert_error_shape(status, headers, body, 408, "body_timeout")
+    assert headers["Connection"].lower() == "close"
+
+
+async def test_a_hundred_slow_or_idle_connections_all_end_while_the_gateway_serves(
+    fast_system: System,
+    session: aiohttp.ClientSession,  # noqa: F811 - the imported fixture
+) -> None:
+    async def slow_client(index: int) -> bytes:
+        async with connection(fast_system) as (reader, writer):
+            if index % 2:  # idle: never sends a byte
+                return await read_until_closed(reader)
+            # slow: drips its headers at a byte a second
+            dripping = asyncio.create_task(drip(writer, b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 100, 1.0))
+            try:
+                return await read_until_closed(reader)
+            finally:
+                dripping.cancel()
+
+    clients = [asyncio.create_task(slow_client(index)) for index in range(100)]
+    while not all(client.done() for client in clients):
+        async with session.get(f"{fast_system.gateway_url}/healthz") as response:
+            assert response.status == 200
+        await asyncio.wait(clients, timeout=0.5)
+
+    answers = [client.result() for client in clients]
+    assert all(answer == b"" for answer in answers[1::2])
+    assert all(parse_response(answer)[0] == 408 for answer in answers[::2])
+
+
+async def test_the_event_stream_outlives_every_timeout(
+    fast_system: System,
+    session: aiohttp.ClientSession,  # noqa: F811 - the imported fixture
+) -> None:
+    url = f"{fast_system.gateway_url}/api/rooms/{ROOM}/publisher/events"
+    async with session.get(
+        url, headers=fast_system.publisher_headers(), timeout=aiohttp.ClientTimeout(total=None)
+    ) as response:
+        assert response.status == 200
+        started, comments, events = time.monotonic(), 0, []
+        # Keep-alive comments come every second: six of them span all three timeouts (1, 1 and 4 s).
+        while comments < 6:
+            line = await asyncio.wait_for(response.content.readline(), WITHIN)
+            assert line, f"the stream ended after {time.monotonic() - started:.1f}s"
+            if line.startswith(b":"):
+                comments += 1
+            elif line.startswith(b"event: "):
+                events.append(line.decode().strip())
+
+        assert "event: snapshot" in events
+        assert time.monotonic() - started > 4
+        assert await asyncio.wait_for(response.content.readline(), WITHIN)
+
+
+async def test_connections_beyond_the_cap_get_503_until_one_closes(tmp_path: Path) -> None:
+    async with (
+        running_system(tmp_path, FANOUT_HTTP_MAX_CONNECTIONS="3") as system,
+        contextlib.AsyncExitStack() as held,
+    ):
+        # Three kept-alive connections, each known to be accepted: it answered a request.
+        connections = [await held.enter_async_context(connection(system)) for _ in range(3)]
+        for reader, writer in connections:
+            writer.write(request_bytes("GET", "/healthz", close=False))
+            assert (await read_response(reader))[0] == 200
+
+        status, headers, body = await exchange(system, request_bytes("GET", "/healthz"))
+
+        assert_error_shape(status, headers, body, 503, "too_many_connections")
+        assert int(headers["Retry-After"]) >= 1
+
+        _, first = connections[0]
+        first.close()
+
+        async def served() -> bool:
+            status, _, _ = await exchange(system, request_bytes("GET", "/healthz"))
+            return status == 200
+
+        await eventually(served, what="a connection slot to free up", within=WITHIN)
+        _, _, metrics = await exchange(system, request_bytes("GET", "/metrics"))
+
+    refused = [
+        line
+        for line in metrics.decode().splitlines()
+        if line.startswith("fanout_http_connections_refused_total")
+    ]
+    assert float(refused[0].split()[1]) >= 1

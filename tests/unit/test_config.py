@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.config import GatewaySettings
 from services.allocator.config import read_settings as read_allocator
 from services.common.env import ConfigError
 from services.common.ivs_settings import read_ivs_settings, read_mode
@@ -85,3 +86,51 @@ def test_the_redis_store_defaults_to_the_local_redis_and_the_cluster_namespace()
     settings = read_allocator({"FANOUT_STORE": "redis", "FANOUT_CLUSTER_ID": "blue"})
     assert settings.store == "redis"
     assert settings.redis_url == "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"FANOUT_HTTP_HEADER_TIMEOUT_SECONDS": "0"}, "FANOUT_HTTP_HEADER_TIMEOUT_SECONDS"),
+        ({"FANOUT_HTTP_HEADER_TIMEOUT_SECONDS": "soon"}, "FANOUT_HTTP_HEADER_TIMEOUT_SECONDS"),
+        ({"FANOUT_HTTP_HEADER_TIMEOUT_SECONDS": "nan"}, "FANOUT_HTTP_HEADER_TIMEOUT_SECONDS"),
+        ({"FANOUT_HTTP_BODY_TIMEOUT_SECONDS": "-1"}, "FANOUT_HTTP_BODY_TIMEOUT_SECONDS"),
+        ({"FANOUT_HTTP_BODY_TIMEOUT_SECONDS": "inf"}, "FANOUT_HTTP_BODY_TIMEOUT_SECONDS"),
+        ({"FANOUT_HTTP_IDLE_SECONDS": "0"}, "FANOUT_HTTP_IDLE_SECONDS"),
+        ({"FANOUT_HTTP_IDLE_SECONDS": "99999"}, "FANOUT_HTTP_IDLE_SECONDS"),
+        # The idle timer also runs while headers arrive: shorter, it would cut the header timeout.
+        (
+            {"FANOUT_HTTP_IDLE_SECONDS": "5", "FANOUT_HTTP_HEADER_TIMEOUT_SECONDS": "10"},
+            "FANOUT_HTTP_IDLE_SECONDS",
+        ),
+        ({"FANOUT_HTTP_IDLE_SECONDS": "5"}, "FANOUT_HTTP_IDLE_SECONDS"),
+        ({"FANOUT_HTTP_MAX_CONNECTIONS": "0"}, "FANOUT_HTTP_MAX_CONNECTIONS"),
+        ({"FANOUT_HTTP_MAX_CONNECTIONS": "1.5"}, "FANOUT_HTTP_MAX_CONNECTIONS"),
+        ({"FANOUT_HTTP_MAX_CONNECTIONS": "many"}, "FANOUT_HTTP_MAX_CONNECTIONS"),
+    ],
+)
+def test_gateway_rejects_bad_http_limits_naming_the_variable(environ: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        GatewaySettings.from_env(environ)
+
+
+def test_gateway_http_limits_default_for_production_and_read_overrides() -> None:
+    defaults = GatewaySettings.from_env({})
+    assert defaults.http_header_timeout_seconds == 10.0
+    assert defaults.http_body_timeout_seconds == 10.0
+    # Above the 60 s idle timeout of common proxies, and the watch page's heartbeat interval.
+    assert defaults.http_idle_seconds == 75.0 > 60 > defaults.heartbeat_seconds
+    assert defaults.http_max_connections == 10_000
+
+    tuned = GatewaySettings.from_env(
+        {
+            "FANOUT_HTTP_HEADER_TIMEOUT_SECONDS": "2.5",
+            "FANOUT_HTTP_BODY_TIMEOUT_SECONDS": "3",
+            "FANOUT_HTTP_IDLE_SECONDS": "2.5",
+            "FANOUT_HTTP_MAX_CONNECTIONS": "50",
+        }
+    )
+    assert tuned.http_header_timeout_seconds == 2.5
+    assert tuned.http_body_timeout_seconds == 3.0
+    assert tuned.http_idle_seconds == 2.5
+    assert tuned.http_max_connections == 50
