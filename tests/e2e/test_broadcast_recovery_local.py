@@ -222,3 +222,44 @@ def test_a_join_refused_after_the_snapshot_came_is_retried_with_the_snapshot_tok
     stop(page)
     context.close()
     assert problems.errors == []
+
+
+def test_a_publish_report_that_finds_its_stage_gone_is_not_an_error(
+    running_system: RunningSystem, browser: Browser
+) -> None:
+    """Scale-in or the end of the room can delete a Stage between the page's join and its report
+    that it publishes there; the stage manager then answers 404, and the page has nothing to say."""
+    room = "gone-under-report"
+    context, page, problems = open_broadcaster(running_system, browser, room)
+    held: list[Route] = []
+    page.route("**/api/rooms/*/publisher/status", lambda route: held.append(route))
+
+    page.click("#go-live")
+    page.wait_for_function(
+        f"window.fanoutBroadcast.stages.length === {STAGES}"
+        " && window.fanoutBroadcast.stages.every((s) => s.publishState === 'published')",
+        timeout=20_000,
+    )
+    eventually_on(page, lambda: len(held) == STAGES, "the page to report publishing on each Stage")
+    assert all(json.loads(route.request.post_data or "{}")["publishing"] is True for route in held)
+
+    # The room ends while those reports are on their way; they arrive once it is gone.
+    status, _ = running_system.api("DELETE", f"/api/rooms/{room}", key=running_system.publisher_key)
+    assert status == 204
+    page.wait_for_function("window.fanoutBroadcast.state === 'ended'", timeout=15_000)
+    eventually(lambda: running_system.api("GET", f"/api/rooms/{room}")[0] == 404, f"room {room} gone")
+    for route in held:
+        stage_id = json.loads(route.request.post_data or "{}")["stageArn"].rsplit("/", 1)[1]
+        # The page logs each report it gave up on, then (before the fix) showed it as an error.
+        with page.expect_console_message(
+            lambda message, stage_id=stage_id: (
+                message.text.startswith("publisher status") and stage_id in message.text
+            )
+        ):
+            route.continue_()
+    expect(page.locator("#error")).to_be_hidden()
+    assert page.evaluate("window.fanoutBroadcast.error") is None
+    expect(page.locator("#status")).to_contain_text("was ended")
+
+    context.close()
+    assert problems.errors == []

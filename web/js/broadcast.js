@@ -167,8 +167,12 @@ async function report(stageArn, publishing, options) {
   try {
     await reportPublishing(liveKey, liveRoom, stageArn, publishing, options);
   } catch (error) {
-    // "Stopped publishing" on a Stage that is already gone (scale-in deleted it) needs no report.
-    if (!publishing && error.status === 404) return;
+    // 404: the Stage (or the room) is already gone, deleted by scale-in or by ending the room, maybe
+    // between our join and this report. Its stage-removed or room-ended is on its way; nothing to say.
+    if (error.status === 404) {
+      console.info(`publisher status for stage ${stageId(stageArn)} not reported: the Stage is gone (${error.code})`);
+      return;
+    }
     console.warn(`publisher status report failed for stage ${stageId(stageArn)}: ${error.code}`);
     fail(`Could not report the publish state of Stage ${stageId(stageArn)}: ${error.message}`);
   }
