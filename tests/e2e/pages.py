@@ -1,7 +1,9 @@
-"""Helpers the e2e modules share: waiting, the watch page's video, and the emulator's participants."""
+"""Helpers the e2e modules share: waiting, the watch page's video, the emulator's participants, tokens."""
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -55,3 +57,16 @@ def wait_until_playing(page: Page) -> dict[str, Any]:
             }})"""
         )
     )
+
+
+def b64url_decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def b64url_encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def token_claims(token: str) -> dict[str, Any]:
+    """A participant token's claims, read as the SDK reads them: the JWT payload, unverified."""
+    return dict(json.loads(b64url_decode(token.split(".")[1])))

@@ -1,14 +1,14 @@
-"""The broadcast page recovers from publish tokens that cannot join, and its red box says so.
+"""The broadcast page recovers from what goes wrong on a Stage, and its red box says only what is wrong now.
 
 The page gets its first tokens from POST /api/token/publisher-all and fresh ones in every snapshot of
-the publisher events stream; a snapshot is when it joins again a Stage it gave up on. Each test hands
-the page bad tokens for one round by rewriting the real publisher-all answer, then lets the real
-snapshot bring good ones, and checks that the page ends up publishing everywhere with no stale error.
+the publisher events stream; a snapshot is when it joins again a Stage it gave up on. The token tests
+hand the page bad tokens for one round by rewriting the real publisher-all answer, then let the real
+snapshot bring good ones, and check that the page ends up publishing everywhere with no stale error.
+The last test delays the page's publish reports until their Stages are gone.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Callable
@@ -18,40 +18,35 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Route, WebSocketRoute, expect
 
 from tests.e2e.conftest import PageProblems, RunningSystem, screenshot
-from tests.e2e.pages import connected_participants, eventually, eventually_on
+from tests.e2e.pages import (
+    b64url_decode,
+    b64url_encode,
+    connected_participants,
+    eventually,
+    eventually_on,
+    token_claims,
+)
 
 pytestmark = pytest.mark.e2e
 
 STAGES = 2  # the running_system fixture keeps two Stages per room
 
 
-def _b64decode(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-
-
-def _b64encode(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def claims_of(token: str) -> dict[str, Any]:
-    return dict(json.loads(_b64decode(token.split(".")[1])))
-
-
 def expired(token: str) -> str:
     """The token with `exp` a minute ago (the signature no longer matches, but the SDK checks `exp`
     on the client first, so the page sees what an expired token gives it: TOKEN_EXPIRED)."""
     header, _, signature = token.split(".")
-    claims = claims_of(token)
+    claims = token_claims(token)
     claims["exp"] = int(time.time()) - 60
-    return ".".join([header, _b64encode(json.dumps(claims).encode()), signature])
+    return ".".join([header, b64url_encode(json.dumps(claims).encode()), signature])
 
 
 def badly_signed(token: str) -> str:
     """The token with one bit of its signature flipped: well-formed and unexpired, refused at join."""
     header, payload, signature = token.split(".")
-    raw = bytearray(_b64decode(signature))
+    raw = bytearray(b64url_decode(signature))
     raw[0] ^= 0x01
-    return ".".join([header, payload, _b64encode(bytes(raw))])
+    return ".".join([header, payload, b64url_encode(bytes(raw))])
 
 
 def hand_out_bad_tokens(page: Page, spoil: Callable[[str], str]) -> list[dict[str, Any]]:

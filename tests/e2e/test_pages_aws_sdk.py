@@ -14,8 +14,6 @@ opens and join() fails: the pages must show that as a problem and go on, never t
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from playwright.sync_api import Browser, BrowserContext, Page, Request, WebSocket, expect
 
 from tests.e2e.conftest import RunningSystem, screenshot, start_system
-from tests.e2e.pages import eventually, eventually_on
+from tests.e2e.pages import eventually, eventually_on, token_claims
 
 pytestmark = pytest.mark.e2e
 
@@ -70,11 +68,6 @@ def aws_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSyst
         yield system
 
 
-def claims_of(token: str) -> dict[str, Any]:
-    payload = token.split(".")[1]
-    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
-
-
 @dataclass
 class SdkTraffic:
     """What the page asked for: scripts, events sockets (URL and offered subprotocol), page errors."""
@@ -113,7 +106,7 @@ class SdkTraffic:
 
     def sockets_for(self, token: str) -> list[str]:
         """The sockets the SDK opened with this token: to its events_url, for its topic."""
-        claims = claims_of(token)
+        claims = token_claims(token)
         found = [url for url in self.sockets if self.subprotocols.get(url) == token]
         for url in found:
             base, _, query = url.partition("?")
