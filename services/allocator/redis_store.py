@@ -228,8 +228,16 @@ def _text(value: bytes | str) -> str:
 class RedisLeaseStore:
     """`LeaseStore` on Redis: one Lua script per call, so replicas sharing a namespace share one truth."""
 
-    def __init__(self, client: redis.Redis, namespace: str, max_unreported_expired: int = 65_536) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str,
+        max_unreported_expired: int = 65_536,
+        probe_client: redis.Redis | None = None,
+    ) -> None:
         self._client = client
+        # `ping` on a connection of its own: a pool busy with requests must not look like Redis down.
+        self._probe_client = probe_client or client
         self._prefix = f"fanout:{namespace}:"
         self._max_reaped = str(max_unreported_expired)
         self._rooms_key = self._prefix + "rooms"
@@ -354,22 +362,26 @@ class RedisLeaseStore:
 
     async def ping(self) -> None:
         """Raises a `redis.RedisError` unless Redis answers."""
-        await self._client.ping()
+        await self._probe_client.ping()
 
     async def close(self) -> None:
         await self._client.aclose()
+        if self._probe_client is not self._client:
+            await self._probe_client.aclose()
 
 
-def open_redis_client(url: str) -> redis.Redis:
-    """A client whose requests wait for a free connection (up to 64) rather than fail in a burst;
-    no wait (for a connection, a connect or an answer) outlasts one store call's deadline."""
+def open_redis_client(
+    url: str, max_connections: int = MAX_CONNECTIONS, timeout: float = STORE_CALL_SECONDS
+) -> redis.Redis:
+    """A client whose requests wait for a free connection rather than fail in a burst; in the
+    allocator no wait (for a connection, a connect or an answer) outlasts one store call's deadline."""
     pool = redis.BlockingConnectionPool.from_url(
         url,
-        max_connections=MAX_CONNECTIONS,
-        timeout=STORE_CALL_SECONDS,
+        max_connections=max_connections,
+        timeout=timeout,
         health_check_interval=30,
-        socket_connect_timeout=STORE_CALL_SECONDS,
-        socket_timeout=STORE_CALL_SECONDS,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
     )
     return redis.Redis.from_pool(pool)
 
@@ -377,7 +389,7 @@ def open_redis_client(url: str) -> redis.Redis:
 def open_redis_store(url: str, namespace: str) -> GuardedLeaseStore:
     """The allocator's Redis lease store, guarded so that a Redis outage answers 503s, not errors."""
     return GuardedLeaseStore(
-        RedisLeaseStore(open_redis_client(url), namespace),
+        RedisLeaseStore(open_redis_client(url), namespace, probe_client=open_redis_client(url, 1)),
         OUTAGE_ERRORS,
         call_timeout=STORE_CALL_SECONDS,
         probe_interval=STORE_PROBE_SECONDS,

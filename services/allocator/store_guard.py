@@ -1,10 +1,13 @@
 """A lease store whose outages are answers, not crashes: bounded calls, fast 503s, one log line.
 
-Wraps any `LeaseStore`. Each call is bounded by `call_timeout`; a failure or a timeout starts an
-outage: it is logged once, the `on_health` callback hears False (readiness), and every call fails at
-once with `Unavailable` (503, Retry-After) without touching the backend, so a frozen Redis costs a
-viewer milliseconds, not the gateway's whole deadline. `watch` probes the backend and ends the
-outage by itself when it answers again.
+Wraps any `LeaseStore`. Each call is bounded by `call_timeout` and a failed or late call answers
+`Unavailable` (503, Retry-After). Whether the backend is down is the probe's call, not a request's:
+a request can be late because this process is overloaded (waiting for a pooled connection), which
+must not take the allocator out of service. A failed call only wakes the probe (`watch`, on the
+store's own probe connection); when the probe fails too, the outage begins: it is logged once,
+`on_health` hears False (readiness), and every call fails at once without touching the backend, so a
+frozen Redis costs a viewer milliseconds, not the gateway's whole deadline. The probe ends the
+outage by itself when the backend answers again.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ T = TypeVar("T")
 
 
 class GuardedLeaseStore:
-    """`LeaseStore` over another one. `failures` are the backend's errors that mean it is unreachable
-    (a connection refused or lost, a timeout), not those that mean a bug (a script error)."""
+    """`LeaseStore` over another one. `failures` are the backend's errors that mean it may be
+    unreachable (a connection refused or lost, a timeout), not those that mean a bug (a script error)."""
 
     def __init__(
         self,
@@ -43,11 +46,7 @@ class GuardedLeaseStore:
         self._name = name
         self._down = False
         self._retry_after = max(1, math.ceil(probe_interval * 2))
-        self._health_changed = asyncio.Event()
-
-    @property
-    def available(self) -> bool:
-        return not self._down
+        self._probe_now = asyncio.Event()
 
     def _unavailable(self) -> Unavailable:
         return Unavailable(
@@ -56,33 +55,31 @@ class GuardedLeaseStore:
             retry_after=self._retry_after,
         )
 
-    def _outage(self, error: BaseException) -> None:
-        if not self._down:
-            # The error's class and text, never a traceback per request.
-            log.warning("%s unreachable (%s: %s); answering 503 until it answers", self._name,
-                        type(error).__name__, error or "timed out")  # fmt: skip
-            self._down = True
-            self._health_changed.set()
-
     async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
         if self._down:
             raise self._unavailable()
         try:
             async with asyncio.timeout(self._call_timeout):
                 return await call()
-        except self._failures as error:
-            self._outage(error)
+        except self._failures:
+            # Logged once, by the probe, if the backend is really down; never a line per request.
+            self._probe_now.set()
             raise self._unavailable() from None
 
     async def watch(self, on_health: Callable[[bool], Awaitable[None]]) -> None:
         """Probes the backend forever; tells `on_health` the state first and then every change."""
         reported: bool | None = None
         while True:
+            self._probe_now.clear()
             try:
                 async with asyncio.timeout(self._call_timeout):
                     await self._inner.ping()
             except self._failures as error:
-                self._outage(error)
+                if not self._down:
+                    # The error's class and text, never a traceback.
+                    log.warning("%s unreachable (%s: %s); answering 503 until it answers", self._name,
+                                type(error).__name__, error or "timed out")  # fmt: skip
+                    self._down = True
             else:
                 if self._down:
                     log.info("%s reachable again", self._name)
@@ -91,11 +88,10 @@ class GuardedLeaseStore:
             if healthy != reported:
                 reported = healthy
                 await on_health(healthy)
-            self._health_changed.clear()
-            # A failing call wakes the loop at once, so readiness follows the first failed request.
+            # A failed call wakes the probe at once, so readiness follows the first failed request.
             try:
                 async with asyncio.timeout(self._probe_interval):
-                    await self._health_changed.wait()
+                    await self._probe_now.wait()
             except TimeoutError:
                 pass
 

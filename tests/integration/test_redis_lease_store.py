@@ -29,6 +29,10 @@ from tests.integration.system import (
 from tests.integration.test_viewers import room_info, start_show
 from tests.unit.test_lease_store import LEASE, ROOM, T0, LeaseStoreContract, stage
 
+# These tests drive the raw store for its logic, many calls at once: on a busy machine a call may wait
+# longer for a pooled connection than the allocator's own deadline allows, which is not their subject.
+RAW_STORE_TIMEOUT = 30.0
+
 
 def unique_namespace() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
@@ -51,7 +55,7 @@ async def namespace(redis_url: str) -> AsyncIterator[str]:
 class TestRedisLeaseStore(LeaseStoreContract):
     @pytest.fixture
     async def store(self, redis_url: str, namespace: str) -> AsyncIterator[LeaseStore]:
-        store = RedisLeaseStore(open_redis_client(redis_url), namespace)
+        store = RedisLeaseStore(open_redis_client(redis_url, timeout=RAW_STORE_TIMEOUT), namespace)
         yield store
         await store.close()  # a second close (a test may close first) is harmless
 
@@ -59,7 +63,7 @@ class TestRedisLeaseStore(LeaseStoreContract):
 async def test_keys_stay_under_the_namespace_with_the_room_as_hash_tag(
     redis_url: str, namespace: str
 ) -> None:
-    store = RedisLeaseStore(open_redis_client(redis_url), namespace)
+    store = RedisLeaseStore(open_redis_client(redis_url, timeout=RAW_STORE_TIMEOUT), namespace)
     await store.assign(ROOM, "u1", [stage(0)], {stage(0).stage_arn}, 1, 1, LEASE, T0)
     await store.close()
     async with redis.Redis.from_url(redis_url) as client:
@@ -79,7 +83,9 @@ async def test_replicas_racing_never_overfill_and_stay_balanced(
 ) -> None:
     """Two stores on two clients, as two allocator replicas; every request of a storm in flight at once."""
     rng = random.Random(seed)
-    replicas = [RedisLeaseStore(open_redis_client(redis_url), namespace) for _ in range(2)]
+    replicas = [
+        RedisLeaseStore(open_redis_client(redis_url, timeout=RAW_STORE_TIMEOUT), namespace) for _ in range(2)
+    ]
     cands = [stage(i) for i in range(3)]
     keep_on = {c.stage_arn for c in cands}
     # Every viewer asks once; a third of them ask again (through either replica) while the storm goes on.
@@ -122,7 +128,9 @@ async def test_replicas_racing_never_overfill_and_stay_balanced(
 async def test_a_replica_sees_what_the_other_expired_and_reap_reports_it_once(
     redis_url: str, namespace: str
 ) -> None:
-    one, other = (RedisLeaseStore(open_redis_client(redis_url), namespace) for _ in range(2))
+    one, other = (
+        RedisLeaseStore(open_redis_client(redis_url, timeout=RAW_STORE_TIMEOUT), namespace) for _ in range(2)
+    )
     a = stage(0)
     try:
         assert await one.assign(ROOM, "u1", [a], {a.stage_arn}, 1, 1, LEASE, T0) is not None
