@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.env import ConfigError, Env
+from services.common.ids import ROOM_ID_PATTERN
 from services.common.ivs_settings import read_mode
+from services.common.timeouts import GATEWAY_ROOM_RPC_SECONDS, GATEWAY_RPC_SECONDS, READINESS_PROBE_SECONDS
 
 # Same rule as a host:port the grpc library accepts for our purposes; DNS names, IPv4 and [IPv6].
 _ADDRESS_PATTERN = r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}"
 _HOST_PATTERN = r"[A-Za-z0-9.:-]+"
-_ROOM_PATTERN = r"[a-z0-9][a-z0-9-]{0,63}"
 _REPO_WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
@@ -38,9 +39,9 @@ class GatewaySettings:
     log_json: bool = False
     web_dir: Path = field(default=_REPO_WEB_DIR)
     # Most calls are one store round trip; EnsureRoom and EndRoom wait for IVS to create/delete Stages.
-    rpc_timeout_seconds: float = 5.0
-    room_rpc_timeout_seconds: float = 30.0
-    readiness_timeout_seconds: float = 1.0
+    rpc_timeout_seconds: float = GATEWAY_RPC_SECONDS
+    room_rpc_timeout_seconds: float = GATEWAY_ROOM_RPC_SECONDS
+    readiness_timeout_seconds: float = READINESS_PROBE_SECONDS
     # Comment lines on an idle event stream, so proxies and browsers keep it open.
     sse_keepalive_seconds: float = 15.0
     # A request's headers must be complete this long after its first byte (or after the connection
@@ -97,7 +98,7 @@ class GatewaySettings:
             publisher_keys=keys,
             mode=mode,
             state_dir=Path(env.str("FANOUT_STATE_DIR", ".fanout")),
-            default_room=env.str("FANOUT_DEFAULT_ROOM", "main", pattern=_ROOM_PATTERN),
+            default_room=env.str("FANOUT_DEFAULT_ROOM", "main", pattern=ROOM_ID_PATTERN.pattern),
             viewer_lease_seconds=env.int("FANOUT_VIEWER_LEASE_SECONDS", 60, minimum=5, maximum=3600),
             max_body_bytes=env.int("FANOUT_MAX_BODY_BYTES", 16384, minimum=256, maximum=1 << 20),
             rate_limit_per_second=rate,

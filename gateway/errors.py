@@ -1,11 +1,20 @@
-"""Errors the gateway answers with: one typed exception per cause, turned into JSON by the middleware."""
+"""Errors the gateway answers with: one typed exception per cause, turned into JSON by the middleware,
+and the one place a gRPC status becomes an HTTP answer."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import math
+import re
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import grpc
+
+from services.common.errors import ERROR_CODE_METADATA, RETRY_AFTER_METADATA
+
+_ERROR_CODE_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_MAX_MESSAGE_CHARS = 300
 
 
 class ApiError(Exception):
@@ -87,3 +96,77 @@ async def calling(dependency: str, method: str) -> AsyncIterator[None]:
         yield
     except grpc.aio.AioRpcError as exc:
         raise UpstreamError(dependency, method, exc) from exc
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    status: int
+    code: str
+    message: str
+    # Whether the status details are the service's own safe message (its contract), or may come from
+    # the transport (addresses, internals) and must be replaced unless the service set an error code.
+    details_are_safe: bool = True
+    retry_after: int | None = None
+
+
+# The one place a gRPC status becomes an HTTP answer (STYLE.md gateway/, DESIGN.md §7).
+_GRPC_TO_HTTP: dict[grpc.StatusCode, _Mapping] = {
+    grpc.StatusCode.INVALID_ARGUMENT: _Mapping(400, "invalid_argument", "The request is not valid."),
+    grpc.StatusCode.UNAUTHENTICATED: _Mapping(401, "unauthenticated", "Credentials are missing or wrong."),
+    grpc.StatusCode.PERMISSION_DENIED: _Mapping(403, "permission_denied", "This is not allowed."),
+    grpc.StatusCode.NOT_FOUND: _Mapping(404, "not_found", "Not found."),
+    grpc.StatusCode.ALREADY_EXISTS: _Mapping(409, "already_exists", "It already exists."),
+    grpc.StatusCode.FAILED_PRECONDITION: _Mapping(
+        409, "failed_precondition", "This cannot be done in the current state."
+    ),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: _Mapping(
+        503, "no_capacity", "No Stage can take another viewer right now; try again shortly.", retry_after=5
+    ),
+    grpc.StatusCode.UNAVAILABLE: _Mapping(
+        503,
+        "dependency_unavailable",
+        "A backend service is unavailable; try again shortly.",
+        details_are_safe=False,
+        retry_after=2,
+    ),
+    grpc.StatusCode.DEADLINE_EXCEEDED: _Mapping(
+        504, "dependency_timeout", "A backend service did not answer in time.", details_are_safe=False
+    ),
+}
+
+
+def api_error_from_grpc(error: grpc.aio.AioRpcError) -> ApiError | None:
+    """The HTTP answer for a failed gRPC call, or None when it is unexpected (answered as a bare 500)."""
+    mapping = _GRPC_TO_HTTP.get(error.code())
+    if mapping is None:
+        return None
+    metadata = _trailing_metadata(error)
+    service_code = metadata.get(ERROR_CODE_METADATA, "")
+    has_service_code = bool(_ERROR_CODE_PATTERN.fullmatch(service_code))
+    # A service's generic code ("unavailable" for UNAVAILABLE) says less than the gateway's default.
+    is_specific = has_service_code and service_code != error.code().name.lower()
+    code = service_code if is_specific else mapping.code
+    message = mapping.message
+    details = error.details()
+    if isinstance(details, str) and details.strip() and (mapping.details_are_safe or has_service_code):
+        message = details.strip()[:_MAX_MESSAGE_CHARS]
+    headers: dict[str, str] = {}
+    if mapping.retry_after is not None:
+        seconds = _retry_after_seconds(metadata.get(RETRY_AFTER_METADATA), mapping.retry_after)
+        headers["Retry-After"] = str(seconds)
+    return ApiError(mapping.status, code, message, headers)
+
+
+def _trailing_metadata(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    pairs: Iterable[tuple[str, str | bytes]] = error.trailing_metadata() or ()
+    return {key.lower(): value for key, value in pairs if isinstance(value, str)}
+
+
+def _retry_after_seconds(raw: str | None, default: int) -> int:
+    try:
+        seconds = float(raw) if raw is not None else float(default)
+    except ValueError:
+        seconds = float(default)
+    if not math.isfinite(seconds):
+        seconds = float(default)
+    return min(3600, max(1, math.ceil(seconds)))

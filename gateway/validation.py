@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import InvalidArgument, InvalidJson, UnsupportedMediaType
+from services.common.ids import MAX_STAGE_ARN_LENGTH, MAX_USER_ID_LENGTH, ROOM_ID_PATTERN, STAGE_ARN_PATTERN
 
-ROOM_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
-# ivs-facts.md: StageArn 1-128 chars, arn:aws:ivs:[a-z0-9-]+:[0-9]+:stage/[a-zA-Z0-9-]+
-STAGE_ARN_PATTERN = re.compile(r"arn:aws:ivs:[a-z0-9-]+:[0-9]+:stage/[a-zA-Z0-9-]+")
-USER_ID_MAX_CHARS = 128
-STAGE_ARN_MAX_CHARS = 128
 # Cc: C0/C1 controls. Cs: lone surrogates, which JSON allows ("\ud800") but UTF-8/protobuf cannot carry.
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs"})
 
@@ -81,7 +76,7 @@ def new_viewer_id() -> str:
 def parse_room(value: object, field: str = "room") -> str:
     if not isinstance(value, str):
         raise InvalidArgument(f"'{field}' must be a string.")
-    if not ROOM_PATTERN.fullmatch(value):
+    if not ROOM_ID_PATTERN.fullmatch(value):
         raise InvalidArgument(
             f"'{field}' must be 1-64 characters of a-z, 0-9 and '-', starting with a letter or digit."
         )
@@ -91,8 +86,8 @@ def parse_room(value: object, field: str = "room") -> str:
 def parse_user_id(value: object, field: str = "userId") -> str:
     if not isinstance(value, str):
         raise InvalidArgument(f"'{field}' must be a string.")
-    if not 1 <= len(value) <= USER_ID_MAX_CHARS:
-        raise InvalidArgument(f"'{field}' must be 1-{USER_ID_MAX_CHARS} characters.")
+    if not 1 <= len(value) <= MAX_USER_ID_LENGTH:
+        raise InvalidArgument(f"'{field}' must be 1-{MAX_USER_ID_LENGTH} characters.")
     if any(unicodedata.category(ch) in _FORBIDDEN_CATEGORIES for ch in value):
         raise InvalidArgument(f"'{field}' must not contain control characters.")
     return value
@@ -101,7 +96,7 @@ def parse_user_id(value: object, field: str = "userId") -> str:
 def parse_stage_arn(value: object, field: str = "stageArn") -> str:
     if not isinstance(value, str):
         raise InvalidArgument(f"'{field}' must be a string.")
-    if len(value) > STAGE_ARN_MAX_CHARS or not STAGE_ARN_PATTERN.fullmatch(value):
+    if len(value) > MAX_STAGE_ARN_LENGTH or not STAGE_ARN_PATTERN.fullmatch(value):
         raise InvalidArgument(f"'{field}' must be a Stage ARN (arn:aws:ivs:<region>:<account>:stage/<id>).")
     return value
 

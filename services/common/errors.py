@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from enum import Enum
 
+# Trailing metadata of a failed gRPC call: the service's snake_case error code and, where trying
+# again makes sense, the seconds to wait. The gRPC servers set them; the gateway reads them.
+ERROR_CODE_METADATA = "fanout-error-code"
+RETRY_AFTER_METADATA = "retry-after"
+
 
 class ErrorKind(Enum):
     INVALID_ARGUMENT = "invalid_argument"

@@ -14,12 +14,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from services.common.errors import ErrorKind, FanoutError
+from services.common.errors import ERROR_CODE_METADATA, RETRY_AFTER_METADATA, ErrorKind, FanoutError
 
 log = logging.getLogger(__name__)
-
-ERROR_CODE_KEY = "fanout-error-code"
-RETRY_AFTER_KEY = "retry-after"
 
 _STATUS_BY_KIND = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -55,9 +52,9 @@ def _split_method(full_method: str) -> tuple[str, str]:
 
 
 async def _abort_for(context: grpc.aio.ServicerContext, error: FanoutError) -> None:
-    metadata: list[tuple[str, str]] = [(ERROR_CODE_KEY, error.code)]
+    metadata: list[tuple[str, str]] = [(ERROR_CODE_METADATA, error.code)]
     if error.retry_after is not None:
-        metadata.append((RETRY_AFTER_KEY, str(error.retry_after)))
+        metadata.append((RETRY_AFTER_METADATA, str(error.retry_after)))
     await context.abort(_STATUS_BY_KIND[error.kind], error.message, trailing_metadata=tuple(metadata))
 
 

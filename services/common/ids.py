@@ -14,6 +14,7 @@ GRPC_ADDRESS_PATTERN = r"[^\s]+:\d{1,5}"
 STAGE_ARN_PATTERN = re.compile(r"arn:aws:ivs:[a-z0-9-]+:[0-9]+:stage/[a-zA-Z0-9-]+")
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_USER_ID_LENGTH = 128
+MAX_STAGE_ARN_LENGTH = 128
 
 
 def check_room_id(room: str) -> str:
@@ -34,7 +35,7 @@ def check_user_id(user_id: str) -> str:
 
 
 def check_stage_arn(arn: str) -> str:
-    if len(arn) > 128 or not STAGE_ARN_PATTERN.fullmatch(arn):
+    if len(arn) > MAX_STAGE_ARN_LENGTH or not STAGE_ARN_PATTERN.fullmatch(arn):
         raise InvalidArgument("stageArn is not an IVS stage ARN", code="invalid_stage_arn")
     return arn
 
