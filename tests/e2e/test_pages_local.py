@@ -22,7 +22,9 @@ def room_info(system: RunningSystem) -> dict[str, Any]:
     return info
 
 
-def wait_for_viewers(system: RunningSystem, count: int, within: float = 10) -> None:
+def wait_for_viewers(system: RunningSystem, count: int, within: float = 20) -> None:
+    """The room's viewer count is the larger of the leases and what the monitor last saw in IVS (a
+    pass every 5 s), so after a viewer leaves, a pass that started before can still count it."""
     eventually(lambda: room_info(system)["viewers"] == count, f"{count} viewers in room {ROOM}", within)
 
 
@@ -45,6 +47,7 @@ def test_a_viewer_waits_while_nobody_broadcasts_and_leaves_on_close(
     # Publish tokens create the room's Stages; nobody publishes, so they stay STANDBY.
     status, _ = running_system.api("POST", "/api/token/publisher-all", {}, key=running_system.publisher_key)
     assert status == 200
+    wait_for_viewers(running_system, 0)
     before = room_info(running_system)
     problems = PageProblems()
     context = browser.new_context(viewport={"width": 390, "height": 844})
@@ -54,13 +57,13 @@ def test_a_viewer_waits_while_nobody_broadcasts_and_leaves_on_close(
     expect(page.locator("#video-overlay")).to_have_text("Waiting for the broadcaster…")
     stage_arn = page.locator("#stage-id").get_attribute("data-stage-arn")
     assert stage_arn in {stage["stageArn"] for stage in before["stages"]}
-    wait_for_viewers(running_system, before["viewers"] + 1)
+    wait_for_viewers(running_system, 1)
     user_id = page.evaluate("window.fanoutWatch.userId")
     status, renewed = running_system.api("POST", "/api/viewer/heartbeat", {"room": ROOM, "userId": user_id})
     assert status == 200 and renewed["leaseSeconds"] == 30
 
     page.close(run_before_unload=True)
-    wait_for_viewers(running_system, before["viewers"])
+    wait_for_viewers(running_system, 0)
     context.close()
     assert problems.errors == []
 
@@ -80,7 +83,8 @@ def test_the_show_three_viewers_watch_the_broadcaster(
     started = time.monotonic()
     problems = PageProblems()
     ivs = running_system.ivs()
-    viewers_before = room_info(running_system)["viewers"]
+    # Nobody watches yet. (Not a count read now: it could still include a viewer who just left.)
+    wait_for_viewers(running_system, 0)
 
     # The broadcaster: a bad key is refused clearly, the right one goes live on every Stage.
     broadcaster_context = browser.new_context()
@@ -127,7 +131,7 @@ def test_the_show_three_viewers_watch_the_broadcaster(
     assert sorted(len(ids) for ids in by_stage.values()) == [1, 2], "least-loaded placement spreads them"
     expect(viewers[0][1].locator("#unmute")).to_be_visible()
     expect(viewers[0][1].locator("#stage-id")).to_have_text(playing[0]["stageArn"].rsplit("/", 1)[1])
-    wait_for_viewers(running_system, viewers_before + 3)
+    wait_for_viewers(running_system, 3)
 
     # The emulator sees the publisher and each subscriber CONNECTED on the right Stage.
     for stage_arn, publisher_id in publisher_ids.items():
@@ -138,14 +142,14 @@ def test_the_show_three_viewers_watch_the_broadcaster(
         assert not any(set(by_stage[arn]) & set(connected) for arn in others)
 
     broadcaster.locator("#room-summary").scroll_into_view_if_needed()
-    expect(broadcaster.locator("#room-summary")).to_contain_text(f"{viewers_before + 3} viewer(s)")
+    expect(broadcaster.locator("#room-summary")).to_contain_text(f"{3} viewer(s)")
     screenshot(broadcaster, "broadcast-live")
     screenshot(viewers[0][1], "watch-playing")
 
     # A viewer closing its page ends its lease and leaves its Stage.
     leaving = playing[2]
     viewers[2][1].close(run_before_unload=True)
-    wait_for_viewers(running_system, viewers_before + 2)
+    wait_for_viewers(running_system, 2)
     eventually(
         lambda: leaving["participantId"] not in connected_participants(ivs, leaving["stageArn"]),
         "the closed viewer to be DISCONNECTED",
@@ -159,7 +163,7 @@ def test_the_show_three_viewers_watch_the_broadcaster(
     )
     recovered = wait_until_playing(viewers[1][1])
     assert recovered["participantId"] in connected_participants(ivs, recovered["stageArn"])
-    wait_for_viewers(running_system, viewers_before + 2)
+    wait_for_viewers(running_system, 2)
 
     # The broadcaster stops: the Stages go STANDBY and the viewers wait.
     broadcaster.click("#stop")
