@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +26,7 @@ STATE_KEY = web.AppKey("ivslocal_state", IvsState)
 STATS_KEY = web.AppKey("ivslocal_stats", CallStats)
 LIMITER_KEY = web.AppKey("ivslocal_limiter", RateLimiter)
 _OPERATION = web.RequestKey("ivslocal_operation", str)
+SETTLE_INTERVAL_SECONDS = 0.25
 
 Operation = Callable[[IvsState, Body, str], dict[str, Any]]
 
@@ -139,6 +142,48 @@ def _disconnect_participant(state: IvsState, body: Body, host: str) -> dict[str,
     return {}
 
 
+def _list_participant_events(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    page = state.list_participant_events(
+        body.required_text("stageArn"),
+        body.required_text("sessionId"),
+        body.required_text("participantId"),
+        next_token=body.text("nextToken"),
+        max_results=body.integer("maxResults"),
+    )
+    return _page("events", [wire.participant_event_json(e) for e in page.items], page.next_token)
+
+
+def _start_participant_replication(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    state.start_participant_replication(
+        body.required_text("sourceStageArn"),
+        body.required_text("destinationStageArn"),
+        body.required_text("participantId"),
+        reconnect_window_seconds=body.integer("reconnectWindowSeconds"),
+        attributes=body.text_map("attributes"),
+    )
+    # The model's output is response headers only.
+    return {}
+
+
+def _stop_participant_replication(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    state.stop_participant_replication(
+        body.required_text("sourceStageArn"),
+        body.required_text("destinationStageArn"),
+        body.required_text("participantId"),
+    )
+    return {}
+
+
+def _list_participant_replicas(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    page = state.list_participant_replicas(
+        body.required_text("sourceStageArn"),
+        body.required_text("participantId"),
+        next_token=body.text("nextToken"),
+        max_results=body.integer("maxResults"),
+    )
+    return _page("replicas", [wire.participant_replica_json(r) for r in page.items], page.next_token)
+
+
 def _page(name: str, items: list[dict[str, Any]], next_token: str | None) -> dict[str, Any]:
     result: dict[str, Any] = {name: items}
     if next_token is not None:
@@ -162,6 +207,10 @@ OPERATIONS: dict[str, Operation] = {
     "ListParticipants": _list_participants,
     "GetParticipant": _get_participant,
     "DisconnectParticipant": _disconnect_participant,
+    "ListParticipantEvents": _list_participant_events,
+    "StartParticipantReplication": _start_participant_replication,
+    "StopParticipantReplication": _stop_participant_replication,
+    "ListParticipantReplicas": _list_participant_replicas,
 }
 
 
@@ -259,6 +308,24 @@ async def _close_sockets(app: web.Application) -> None:
     app[SOCKETS_KEY].close()
 
 
+async def _settle_periodically(app: web.Application) -> AsyncIterator[None]:
+    """Time alone ends replications (reconnect windows) and sessions; this tells the sockets in time."""
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(SETTLE_INTERVAL_SECONDS)
+            try:
+                app[STATE_KEY].settle()
+            except Exception:
+                log.exception("settling the emulator's state failed")
+
+    task = asyncio.create_task(tick())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(
     settings: Settings, state: IvsState | None = None, *, stats: CallStats | None = None
 ) -> web.Application:
@@ -272,6 +339,7 @@ def create_app(
         )
     app[SOCKETS_KEY] = StageSockets(app[STATE_KEY])
     app.on_shutdown.append(_close_sockets)
+    app.cleanup_ctx.append(_settle_periodically)
     app.router.add_get("/_emulator/stats", stats_handler)
     app.router.add_get("/_emulator/token-key", token_key_handler)
     # The Stage endpoints' `events` URL: participants' sockets (services.ivslocal.events).

@@ -23,7 +23,11 @@ Emulator -> client
                                                          token-reused, participant-disconnected, stage-deleted
 
 A refused join gets an ``error`` frame and the socket closes with code 4000 + the StageErrorCode (e.g. 4002
-TOKEN_EXPIRED, 4006 STAGE_AT_CAPACITY). Signalling only ever reaches participants of the sender's Stage.
+TOKEN_EXPIRED, 4006 STAGE_AT_CAPACITY). Signalling only ever reaches participants of the sender's Stage, with
+one exception: a replica (StartParticipantReplication) has no socket of its own, so signalling addressed to
+it goes to its source publisher's socket, whose answers find their way back; the publisher is told
+``unsubscribe`` when such a subscriber leaves or the replication stops. Real media so flows from the
+broadcaster's page to the replica Stage's viewers with no media server, as IVS replicates server-side.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +90,14 @@ class _Close:
 
 
 @dataclass(eq=False)
+class _ReplicaRoute:
+    """A subscriber on a replica's Stage that reaches the source publisher's socket."""
+
+    subscriber: Connection
+    subscriptions: set[str] = field(default_factory=set)
+
+
+@dataclass(eq=False)
 class Connection:
     """One joined participant's socket; frames go out in order through `outbox`."""
 
@@ -129,6 +142,8 @@ class StageSockets:
     def __init__(self, state: IvsState) -> None:
         self._state = state
         self._stages: dict[str, dict[str, Connection]] = {}
+        # (source Stage ARN, publisher id) -> subscriber id -> route, for subscribers of its replicas.
+        self._routes: dict[tuple[str, str], dict[str, _ReplicaRoute]] = {}
         self._remove_listener = state.add_listener(self._on_change)
 
     def close(self) -> None:
@@ -138,6 +153,7 @@ class StageSockets:
             for connection in connections.values():
                 connection.end(WSCloseCode.GOING_AWAY, "emulator shutting down")
         self._stages.clear()
+        self._routes.clear()
 
     # --- joining and leaving -------------------------------------------------------------------
 
@@ -176,6 +192,11 @@ class StageSockets:
             del connections[connection.participant_id]
             if not connections:
                 del self._stages[connection.stage_arn]
+            # A publisher gone takes its replicas' routes along (a newer socket of its id keeps them).
+            self._routes.pop((connection.stage_arn, connection.participant_id), None)
+        # A subscriber gone ends its subscriptions through replicas.
+        for publisher_key in list(self._routes):
+            self._end_routes(publisher_key, lambda route: route.subscriber is connection)
 
     # --- frames from a joined participant ------------------------------------------------------
 
@@ -221,6 +242,8 @@ class StageSockets:
             sender.send(error_frame(error.sdk_code, error.name, error.message, to=target_id, id=subscription))
             return
         target = self._stages.get(sender.stage_arn, {}).get(target_id) if isinstance(target_id, str) else None
+        if target is None and isinstance(target_id, str):
+            target = self._across_replication(sender, kind, target_id, subscription)
         if target is None or target is sender:
             sender.send(
                 error_frame(
@@ -231,6 +254,44 @@ class StageSockets:
         relayed = {k: v for k, v in frame.items() if k != "to"}
         relayed["from"] = sender.participant_id
         target.send(relayed)
+
+    def _across_replication(
+        self, sender: Connection, kind: str, target_id: str, subscription: object
+    ) -> Connection | None:
+        """The socket behind a participant that is not on the sender's Stage but reachable by replication."""
+        replication = self._state.active_replication_into(sender.stage_arn, target_id)
+        if replication is not None:
+            # A subscriber of a replica: its source publisher answers.
+            publisher = self._stages.get(replication.source_stage_arn, {}).get(target_id)
+            if publisher is None:
+                return None
+            routes = self._routes.setdefault((replication.source_stage_arn, target_id), {})
+            route = routes.get(sender.participant_id)
+            if route is None or route.subscriber is not sender:
+                route = routes[sender.participant_id] = _ReplicaRoute(sender)
+            if isinstance(subscription, str):
+                if kind == "subscribe":
+                    route.subscriptions.add(subscription)
+                elif kind == "unsubscribe":
+                    route.subscriptions.discard(subscription)
+            return publisher
+        # A source publisher answering a subscriber of one of its replicas.
+        route = self._routes.get((sender.stage_arn, sender.participant_id), {}).get(target_id)
+        return route.subscriber if route is not None else None
+
+    def _end_routes(self, publisher_key: tuple[str, str], ending: Callable[[_ReplicaRoute], bool]) -> None:
+        """Drops the publisher's routes that end; the publisher hears `unsubscribe` for each subscription."""
+        routes = self._routes.get(publisher_key, {})
+        publisher = self._stages.get(publisher_key[0], {}).get(publisher_key[1])
+        for subscriber_id, route in list(routes.items()):
+            if not ending(route):
+                continue
+            del routes[subscriber_id]
+            if publisher is not None:
+                for subscription in sorted(route.subscriptions):
+                    publisher.send({"type": "unsubscribe", "from": subscriber_id, "id": subscription})
+        if not routes:
+            self._routes.pop(publisher_key, None)
 
     # --- the model's changes -------------------------------------------------------------------
 
@@ -271,7 +332,13 @@ class StageSockets:
                     "reason": change.reason,
                 },
             )
-        else:
+        elif change.kind == "replication-stopped" and change.replication is not None:
+            destination = change.replication.destination_stage_arn
+            self._end_routes(
+                (change.replication.source_stage_arn, change.replication.participant_id),
+                lambda route: route.subscriber.stage_arn == destination,
+            )
+        elif change.kind in ("published", "unpublished"):
             frame = {
                 "type": "publish-state",
                 "participantId": participant.participant_id,

@@ -1,4 +1,4 @@
-"""The emulator's core: Stages, sessions, participants and public keys, kept by IVS's rules and quotas."""
+"""The emulator's core: Stages, sessions, participants, replications and public keys, by IVS's rules."""
 
 from __future__ import annotations
 
@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 
 CONNECTED = "CONNECTED"
 DISCONNECTED = "DISCONNECTED"
+# ReplicationType and ReplicationState of the model.
+NOT_REPLICATED = "NONE"
+SOURCE = "SOURCE"
+REPLICA = "REPLICA"
+ACTIVE = "ACTIVE"
+STOPPED = "STOPPED"
+# Concurrent replications per participant, across the region's Stages; not adjustable (ivs-facts §3).
+REPLICATIONS_PER_PARTICIPANT = 5
 # kid of the tokens CreateParticipantToken mints; never a valid public-key ARN, so it cannot collide.
 EMULATOR_KEY_ID = "ivslocal-participant-tokens"
 CLAIMS_VERSION = "1.0"
@@ -98,6 +106,20 @@ class PublicKey:
     seq: int
 
 
+@dataclass(frozen=True)
+class ParticipantEvent:
+    """One ListParticipantEvents item."""
+
+    name: str
+    participant_id: str
+    event_time: datetime
+    seq: int
+    remote_participant_id: str | None = None
+    destination_stage_arn: str | None = None
+    destination_session_id: str | None = None
+    replica: bool = False
+
+
 @dataclass
 class Participant:
     participant_id: str
@@ -112,6 +134,37 @@ class Participant:
     # "published" is IVS's "ever published in this session" (filterByPublished); "publishing" is now.
     published: bool = False
     publishing: bool = False
+    # SOURCE once replicated in this session; REPLICA for the copy in a destination Stage.
+    replication_type: str = NOT_REPLICATED
+    replication_state: str | None = None
+    source_stage_arn: str | None = None
+    source_session_id: str | None = None
+    events: list[ParticipantEvent] = field(default_factory=list)
+
+    @property
+    def is_replica(self) -> bool:
+        return self.replication_type == REPLICA
+
+
+@dataclass
+class Replication:
+    """One StartParticipantReplication: `replica` is the participant it added to the destination session."""
+
+    source_stage_arn: str
+    participant_id: str
+    source_session_id: str
+    destination_stage_arn: str
+    destination_session_id: str
+    reconnect_window_seconds: int
+    replica: Participant
+    seq: int
+    state: str = ACTIVE
+    # When the source stopped publishing; the replication stops once the reconnect window has passed.
+    source_lost_since: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state == ACTIVE
 
 
 @dataclass
@@ -214,10 +267,12 @@ class Page(Generic[T]):
 class ParticipantChange:
     """Told to listeners (the events socket) so they can act on joins, leaves and publish changes."""
 
-    kind: Literal["joined", "left", "published", "unpublished"]
+    kind: Literal["joined", "left", "published", "unpublished", "replication-started", "replication-stopped"]
+    # For the replication kinds: the source participant (the replica is replication.replica).
     participant: Participant
     # For "left": the web SDK's StageLeftReason, e.g. user-initiated, participant-disconnected, stage-deleted.
     reason: str | None = None
+    replication: Replication | None = None
 
 
 Listener = Callable[[ParticipantChange], None]
@@ -245,6 +300,8 @@ class IvsState:
         self._deleted_stage_arns: set[str] = set()
         self._public_keys: dict[str, PublicKey] = {}
         self._idle_sessions: dict[str, tuple[Stage, StageSession]] = {}
+        # (source Stage ARN, participant id, destination Stage ARN) -> the latest replication between them.
+        self._replications: dict[tuple[str, str, str], Replication] = {}
         self._listeners: list[Listener] = []
         self._seq = itertools.count(1)
 
@@ -345,6 +402,12 @@ class IvsState:
         """Deletes the Stage; everyone connected is disconnected with reason stage-deleted."""
         now = self._settle()
         stage = self._stage(check.stage_arn(arn))
+        for key, replication in list(self._replications.items()):
+            if replication.destination_stage_arn == arn:
+                self._stop_replication(replication, now, "stage-deleted")
+            elif replication.source_stage_arn == arn:
+                self._stop_replication(replication, now, "replication-stopped")
+                del self._replications[key]
         session = stage.active_session
         if session is not None:
             for participant in list(session.participants.values()):
@@ -592,6 +655,253 @@ class IvsState:
                 return session
         raise ResourceNotFoundError(f"Stage session not found: {session_id}")
 
+    def list_participant_events(
+        self,
+        stage_arn: str,
+        session_id: str,
+        participant_id: str,
+        *,
+        next_token: str | None = None,
+        max_results: int | None = None,
+    ) -> Page[ParticipantEvent]:
+        """Oldest first. Unknown Stages, sessions and participants have no events (no NotFound is modeled)."""
+        self._settle()
+        check.stage_arn(stage_arn, "stageArn")
+        check.session_id(session_id)
+        check.participant_id(participant_id)
+        stage = self._stages.get(stage_arn)
+        session = next((s for s in stage.sessions if s.session_id == session_id), None) if stage else None
+        participant = session.participants.get(participant_id) if session else None
+        events = list(participant.events) if participant else []
+        return _paginate(events, lambda e: e.seq, next_token, max_results)
+
+    # --- replication ----------------------------------------------------------------------------
+
+    def start_participant_replication(
+        self,
+        source_stage_arn: str,
+        destination_stage_arn: str,
+        participant_id: str,
+        *,
+        reconnect_window_seconds: int | None = None,
+        attributes: Mapping[str, str] | None = None,
+    ) -> Replication:
+        """Copies a publishing participant of the source Stage's active session into the destination Stage.
+
+        The replica joins the destination's active session (starting one) as a CONNECTED publisher with
+        the same participant id. Refused: unknown Stages or participant (ResourceNotFound), a participant
+        that is not publishing, is itself a replica, or is already in the destination (Conflict), the
+        fifth concurrent replication of the participant or a full destination (ServiceQuotaExceeded).
+        """
+        now = self._settle()
+        check.stage_arn(source_stage_arn, "sourceStageArn")
+        check.stage_arn(destination_stage_arn, "destinationStageArn")
+        check.participant_id(participant_id)
+        window = check.reconnect_window_seconds(reconnect_window_seconds)
+        extra_attributes = check.attributes(attributes)
+        if source_stage_arn == destination_stage_arn:
+            raise ValidationError("sourceStageArn and destinationStageArn must name different Stages")
+        source_stage = self._stage(source_stage_arn)
+        destination_stage = self._stage(destination_stage_arn)
+        source_session = source_stage.active_session
+        source = source_session.participants.get(participant_id) if source_session else None
+        if source_session is None or source is None or source.state != CONNECTED:
+            raise ResourceNotFoundError(f"Participant not connected to {source_stage_arn}: {participant_id}")
+        if source.is_replica:
+            raise ConflictError(f"Participant {participant_id} is itself a replica in {source_stage_arn}")
+        if not source.publishing:
+            raise ConflictError(f"Participant {participant_id} is not publishing")
+        current = self._replications.get((source_stage_arn, participant_id, destination_stage_arn))
+        if current is not None and current.active:
+            raise ConflictError(
+                f"Participant {participant_id} is already replicated to {destination_stage_arn}"
+            )
+        destination_session = destination_stage.active_session
+        existing = destination_session.participants.get(participant_id) if destination_session else None
+        if existing is not None and (existing.state == CONNECTED or not existing.is_replica):
+            raise ConflictError(f"Participant {participant_id} is already in {destination_stage_arn}")
+        concurrent = sum(
+            1 for r in self._replications.values() if r.active and r.participant_id == participant_id
+        )
+        if concurrent >= REPLICATIONS_PER_PARTICIPANT:
+            raise ServiceQuotaExceededError(
+                f"Participant {participant_id} already has {concurrent} concurrent replications "
+                f"(quota {REPLICATIONS_PER_PARTICIPANT}, not adjustable)"
+            )
+        if destination_session is not None and (
+            destination_session.connected_publishers >= self.settings.publisher_quota
+        ):
+            raise ServiceQuotaExceededError(
+                f"{destination_stage_arn} already has {destination_session.connected_publishers} publishers"
+            )
+
+        if destination_session is None:
+            destination_session = self._start_session(destination_stage, now)
+        destination_session.idle_since = None
+        self._idle_sessions.pop(destination_session.session_id, None)
+        replica = existing or Participant(
+            participant_id=participant_id,
+            stage_arn=destination_stage_arn,
+            session_id=destination_session.session_id,
+            user_id=source.user_id,
+            attributes={},
+            capabilities=Capabilities(publish=True, subscribe=False),
+            state=CONNECTED,
+            first_join_time=now,
+            seq=next(self._seq),
+            replication_type=REPLICA,
+        )
+        replica.attributes = {**source.attributes, **extra_attributes}
+        replica.user_id = source.user_id
+        replica.state = CONNECTED
+        replica.replication_state = ACTIVE
+        replica.source_stage_arn = source_stage_arn
+        replica.source_session_id = source_session.session_id
+        destination_session.participants[participant_id] = replica
+        destination_session.adjust_counts(replica, +1)
+        replication = Replication(
+            source_stage_arn=source_stage_arn,
+            participant_id=participant_id,
+            source_session_id=source_session.session_id,
+            destination_stage_arn=destination_stage_arn,
+            destination_session_id=destination_session.session_id,
+            reconnect_window_seconds=window,
+            replica=replica,
+            seq=next(self._seq),
+        )
+        self._replications[(source_stage_arn, participant_id, destination_stage_arn)] = replication
+        source.replication_type = SOURCE
+        source.replication_state = ACTIVE
+        self._record(
+            source,
+            "REPLICATION_STARTED",
+            now,
+            destination_stage_arn=destination_stage_arn,
+            destination_session_id=destination_session.session_id,
+        )
+        self._record(replica, "JOINED", now)
+        self._notify(ParticipantChange("joined", replica))
+        self._set_publishing(replica, True, now)
+        self._notify(ParticipantChange("replication-started", source, replication=replication))
+        log.info("replicating %s from %s to %s", participant_id, source_stage_arn, destination_stage_arn)
+        return replication
+
+    def stop_participant_replication(
+        self, source_stage_arn: str, destination_stage_arn: str, participant_id: str
+    ) -> Replication:
+        """Stops an active replication; the replica leaves the destination Stage."""
+        now = self._settle()
+        check.stage_arn(source_stage_arn, "sourceStageArn")
+        check.stage_arn(destination_stage_arn, "destinationStageArn")
+        check.participant_id(participant_id)
+        self._stage(source_stage_arn)
+        self._stage(destination_stage_arn)
+        replication = self._replications.get((source_stage_arn, participant_id, destination_stage_arn))
+        if replication is None or not replication.active:
+            raise ResourceNotFoundError(
+                f"No active replication of {participant_id} "
+                f"from {source_stage_arn} to {destination_stage_arn}"
+            )
+        self._stop_replication(replication, now, "replication-stopped")
+        return replication
+
+    def list_participant_replicas(
+        self,
+        source_stage_arn: str,
+        participant_id: str,
+        *,
+        next_token: str | None = None,
+        max_results: int | None = None,
+    ) -> Page[Replication]:
+        """The participant's replications from the Stage, ACTIVE and STOPPED, oldest first (one per
+        destination: the latest). An unknown Stage or participant has none (no NotFound is modeled)."""
+        self._settle()
+        check.stage_arn(source_stage_arn, "sourceStageArn")
+        check.participant_id(participant_id)
+        limit = check.max_results(max_results, maximum=50)
+        replications = sorted(
+            (
+                r
+                for r in self._replications.values()
+                if r.source_stage_arn == source_stage_arn and r.participant_id == participant_id
+            ),
+            key=lambda r: r.seq,
+        )
+        return _paginate(replications, lambda r: r.seq, next_token, limit)
+
+    def active_replication_into(self, destination_stage_arn: str, participant_id: str) -> Replication | None:
+        """The ACTIVE replication whose replica is `participant_id` in the destination Stage, if any."""
+        for replication in self._replications.values():
+            if (
+                replication.active
+                and replication.destination_stage_arn == destination_stage_arn
+                and replication.participant_id == participant_id
+            ):
+                return replication
+        return None
+
+    def _replications_of(self, source_stage_arn: str, participant_id: str) -> list[Replication]:
+        return [
+            r
+            for r in self._replications.values()
+            if r.active and r.source_stage_arn == source_stage_arn and r.participant_id == participant_id
+        ]
+
+    def _replication_of_replica(self, replica: Participant) -> Replication | None:
+        replication = self.active_replication_into(replica.stage_arn, replica.participant_id)
+        return replication if replication is not None and replication.replica is replica else None
+
+    def _resume_replication(self, replication: Replication, source: Participant, now: datetime) -> None:
+        """The source publishes again within its window (perhaps in a new session): the replica follows."""
+        replication.source_lost_since = None
+        replication.source_session_id = source.session_id
+        replication.replica.source_session_id = source.session_id
+        source.replication_type = SOURCE
+        source.replication_state = ACTIVE
+        if not replication.replica.publishing:
+            self._set_publishing(replication.replica, True, now)
+
+    def _stop_replication(self, replication: Replication, now: datetime, reason: str) -> None:
+        if not replication.active:
+            return
+        replication.state = STOPPED
+        replica = replication.replica
+        replica.replication_state = STOPPED
+        stage = self._stages.get(replication.destination_stage_arn)
+        session = (
+            next((s for s in stage.sessions if s.session_id == replica.session_id), None) if stage else None
+        )
+        if stage is not None and session is not None and replica.state == CONNECTED:
+            self._leave(stage, session, replica, now, reason)
+        source = self._source_participant(replication)
+        if source is not None:
+            if not self._replications_of(replication.source_stage_arn, replication.participant_id):
+                source.replication_state = STOPPED
+            self._record(
+                source,
+                "REPLICATION_STOPPED",
+                now,
+                destination_stage_arn=replication.destination_stage_arn,
+                destination_session_id=replication.destination_session_id,
+            )
+            self._notify(ParticipantChange("replication-stopped", source, replication=replication))
+        log.info(
+            "stopped replicating %s from %s to %s (%s)",
+            replication.participant_id,
+            replication.source_stage_arn,
+            replication.destination_stage_arn,
+            reason,
+        )
+
+    def _source_participant(self, replication: Replication) -> Participant | None:
+        stage = self._stages.get(replication.source_stage_arn)
+        if stage is None:
+            return None
+        for session in reversed(stage.sessions):
+            if session.session_id == replication.source_session_id:
+                return session.participants.get(replication.participant_id)
+        return None
+
     # --- the events socket's side ---------------------------------------------------------------
 
     def verify_participant_token(self, token: str, now: datetime | None = None) -> VerifiedToken:
@@ -682,11 +992,7 @@ class IvsState:
                 session.adjust_counts(existing, +1)
             raise
         if session is None:
-            session = StageSession(
-                session_id="st-" + random_id(13), stage_arn=stage.arn, start_time=now, seq=next(self._seq)
-            )
-            stage.sessions.append(session)
-            log.info("stage %s started session %s", stage.arn, session.session_id)
+            session = self._start_session(stage, now)
         session.idle_since = None
         self._idle_sessions.pop(session.session_id, None)
         if existing is None:
@@ -706,15 +1012,23 @@ class IvsState:
             participant = existing
             if participant.publishing:
                 # The new connection starts out unpublished, whatever the one it replaces was doing.
-                participant.publishing = False
-                self._notify(ParticipantChange("unpublished", participant))
+                self._set_publishing(participant, False, now)
             participant.user_id = verified.user_id
             participant.attributes = verified.attributes
             participant.capabilities = verified.capabilities
             participant.state = CONNECTED
         session.adjust_counts(participant, +1)
+        self._record(participant, "JOINED", now)
         self._notify(ParticipantChange("joined", participant))
         return participant
+
+    def _start_session(self, stage: Stage, now: datetime) -> StageSession:
+        session = StageSession(
+            session_id="st-" + random_id(13), stage_arn=stage.arn, start_time=now, seq=next(self._seq)
+        )
+        stage.sessions.append(session)
+        log.info("stage %s started session %s", stage.arn, session.session_id)
+        return session
 
     def _check_capacity(self, session: StageSession | None, capabilities: Capabilities) -> None:
         publishers = session.connected_publishers if session else 0
@@ -728,15 +1042,33 @@ class IvsState:
         self, stage_arn: str, participant_id: str, published: bool, now: datetime | None = None
     ) -> Participant:
         """Records that a CONNECTED participant started (True) or stopped (False) publishing."""
-        self._settle(now)
+        now = self._settle(now)
         participant = self._connected(stage_arn, participant_id)
+        if participant.is_replica:
+            raise TokenNotAllowedError("a replica publishes only through its replication")
         if published and not participant.capabilities.publish:
             raise TokenNotAllowedError("the participant's token does not allow publishing")
         if participant.publishing != published:
-            participant.publishing = published
-            participant.published = participant.published or published
-            self._notify(ParticipantChange("published" if published else "unpublished", participant))
+            self._set_publishing(participant, published, now)
         return participant
+
+    def _set_publishing(self, participant: Participant, publishing: bool, now: datetime) -> None:
+        """The one place a participant's publishing changes: events, listeners and its replications."""
+        participant.publishing = publishing
+        participant.published = participant.published or publishing
+        self._record(participant, "PUBLISH_STARTED" if publishing else "PUBLISH_STOPPED", now)
+        self._notify(ParticipantChange("published" if publishing else "unpublished", participant))
+        if participant.is_replica:
+            return
+        for replication in self._replications_of(participant.stage_arn, participant.participant_id):
+            if publishing:
+                self._resume_replication(replication, participant, now)
+            elif replication.source_lost_since is None:
+                replication.source_lost_since = now
+                if replication.replica.publishing:
+                    self._set_publishing(replication.replica, False, now)
+        if not publishing:
+            self._settle(now)
 
     def disconnect(
         self,
@@ -775,11 +1107,17 @@ class IvsState:
     def _leave(
         self, stage: Stage, session: StageSession, participant: Participant, now: datetime, reason: str
     ) -> None:
+        if participant.is_replica:
+            replication = self._replication_of_replica(participant)
+            if replication is not None:
+                # Its replication ends with it (DisconnectParticipant on a replica).
+                self._stop_replication(replication, now, reason)
+                return
         if participant.publishing:
-            participant.publishing = False
-            self._notify(ParticipantChange("unpublished", participant))
+            self._set_publishing(participant, False, now)
         session.adjust_counts(participant, -1)
         participant.state = DISCONNECTED
+        self._record(participant, "LEFT", now)
         self._notify(ParticipantChange("left", participant, reason))
         if session.connected_count == 0:
             session.idle_since = now
@@ -792,14 +1130,37 @@ class IvsState:
         self._idle_sessions.pop(session.session_id, None)
         log.info("stage %s ended session %s", session.stage_arn, session.session_id)
 
+    def settle(self) -> None:
+        """Applies what time alone changes; a timer calls it so sockets learn of it without an API call."""
+        self._settle()
+
     def _settle(self, now: datetime | None = None) -> datetime:
-        """Ends sessions idle for longer than the end delay; returns the time it settled at."""
+        """Stops replications whose source stayed away past its window and ends sessions idle past the
+        end delay; returns the time it settled at."""
         now = now or self._clock()
+        for replication in list(self._replications.values()):
+            lost = replication.source_lost_since
+            if replication.active and lost is not None:
+                deadline = lost + timedelta(seconds=replication.reconnect_window_seconds)
+                if deadline <= now:
+                    self._stop_replication(replication, deadline, "replication-stopped")
         delay = timedelta(seconds=self.settings.session_end_delay_seconds)
         for _, session in list(self._idle_sessions.values()):
             if session.idle_since is not None and session.idle_since + delay <= now:
                 self._end_session(session, session.idle_since + delay)
         return now
+
+    def _record(self, participant: Participant, name: str, now: datetime, **details: Any) -> None:
+        participant.events.append(
+            ParticipantEvent(
+                name=name,
+                participant_id=participant.participant_id,
+                event_time=now,
+                seq=next(self._seq),
+                replica=participant.is_replica,
+                **details,
+            )
+        )
 
 
 def _paginate(

@@ -106,10 +106,17 @@ def tag_keys(value: list[str]) -> list[str]:
     return value
 
 
-def max_results(value: int | None, default: int = 50) -> int:
+def max_results(value: int | None, default: int = 50, maximum: int = 100) -> int:
     if value is None:
         return default
-    check_range("maxResults", value, 1, 100)
+    check_range("maxResults", value, 1, maximum)
+    return value
+
+
+def reconnect_window_seconds(value: int | None) -> int:
+    if value is None:
+        return 0
+    check_range("reconnectWindowSeconds", value, 0, 300)
     return value
 
 

@@ -10,7 +10,9 @@ from services.ivslocal.errors import ValidationError
 from services.ivslocal.model import (
     IssuedToken,
     Participant,
+    ParticipantEvent,
     PublicKey,
+    Replication,
     Stage,
     StageEndpoints,
     StageSession,
@@ -194,9 +196,12 @@ def participant_summary_json(participant: Participant) -> dict[str, Any]:
             "state": participant.state,
             "firstJoinTime": timestamp(participant.first_join_time),
             "published": participant.published,
-            # Recording and replication are not emulated.
+            # Recording is not emulated.
             "recordingState": "DISABLED",
-            "replicationType": "NONE",
+            "replicationType": participant.replication_type,
+            "replicationState": participant.replication_state,
+            "sourceStageArn": participant.source_stage_arn,
+            "sourceSessionId": participant.source_session_id,
             "redundantIngest": False,
         }
     )
@@ -207,4 +212,29 @@ def participant_json(participant: Participant) -> dict[str, Any]:
         **participant_summary_json(participant),
         "attributes": dict(participant.attributes),
         "protocol": "WHIP",
+    }
+
+
+def participant_event_json(event: ParticipantEvent) -> dict[str, Any]:
+    return _compact(
+        {
+            "name": event.name,
+            "participantId": event.participant_id,
+            "eventTime": timestamp(event.event_time),
+            "remoteParticipantId": event.remote_participant_id,
+            "destinationStageArn": event.destination_stage_arn,
+            "destinationSessionId": event.destination_session_id,
+            "replica": event.replica,
+        }
+    )
+
+
+def participant_replica_json(replication: Replication) -> dict[str, Any]:
+    return {
+        "sourceStageArn": replication.source_stage_arn,
+        "participantId": replication.participant_id,
+        "sourceSessionId": replication.source_session_id,
+        "destinationStageArn": replication.destination_stage_arn,
+        "destinationSessionId": replication.destination_session_id,
+        "replicationState": replication.state,
     }
