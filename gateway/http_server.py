@@ -150,6 +150,7 @@ class GatewayRequestHandler(RequestHandler):
 
     __slots__ = (
         "_admitted",
+        "_draining",
         "_header_bytes",
         "_header_timeout",
         "_header_timer",
@@ -187,6 +188,7 @@ class GatewayRequestHandler(RequestHandler):
         # reads and discards for up to _LINGER_SECONDS, not the start of the next request.
         self._previous_body: StreamReader | None = None
         self._admitted = False
+        self._draining = False
         self._refused_close: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -199,15 +201,19 @@ class GatewayRequestHandler(RequestHandler):
 
     def _refuse(self, transport: asyncio.Transport) -> None:
         transport.write(_CONNECTION_LIMIT_RESPONSE)
-        # Half-close and let the client close: closing with its request still unread would send a
-        # reset, which can destroy the 503 before the client reads it.
-        # (aiohttp's eof_received answers None, so the client's FIN closes the transport.)
+        self._answer_and_close(transport)
+
+    def _answer_and_close(self, transport: asyncio.Transport) -> None:
+        """After a final answer: half-close and let the client close. Closing with its request still
+        unread would send a reset, which can destroy the answer before the client reads it.
+        (aiohttp's eof_received answers None, so the client's FIN closes the transport.)"""
+        self._draining = True
         transport.write_eof()
         self._refused_close = self._loop.call_later(_REFUSED_GRACE_SECONDS, transport.close)
 
     def data_received(self, data: bytes) -> None:
-        if not self._admitted:
-            return  # a refused connection: its request is not read
+        if not self._admitted or self._draining:
+            return  # a refused or answered connection: what it still sends is not read
         if data and not self._in_request and (self._previous_body is None or self._previous_body.is_eof()):
             self._header_bytes = True
             if self._header_timer is None:
@@ -263,6 +269,8 @@ class GatewayRequestHandler(RequestHandler):
                 _peer(self.peername),
                 self._header_timeout,
             )
+            self._answer_and_close(cast(asyncio.Transport, self.transport))
+            return
         self.force_close()
 
     def handle_error(

@@ -77,8 +77,19 @@ async def read_response(reader: asyncio.StreamReader) -> Response:
 
 
 async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
-    """Everything the gateway sends until it closes the connection; fails if it never does."""
-    return await asyncio.wait_for(reader.read(), WITHIN)
+    """Everything the gateway sends until it closes the connection; fails if it never does.
+
+    A close may reach a client that is still sending as a reset: that ends the stream too, and what
+    arrived before it counts (reader.read() would drop it)."""
+    received = bytearray()
+
+    async def collect() -> None:
+        while chunk := await reader.read(65536):
+            received.extend(chunk)
+
+    with contextlib.suppress(ConnectionResetError):
+        await asyncio.wait_for(collect(), WITHIN)
+    return bytes(received)
 
 
 def parse_response(raw: bytes) -> Response:
