@@ -269,7 +269,7 @@ class GatewayRequestHandler(RequestHandler):
                 _peer(self.peername),
                 self._header_timeout,
             )
-            self._answer_and_close(cast(asyncio.Transport, self.transport))
+            self._answer_and_close(self.transport)
             return
         self.force_close()
 
