@@ -28,6 +28,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class OfferedProtocolsRedactor(logging.Filter):
+    """aiohttp's WebSocket handshake logs the subprotocols a client offered when none is accepted,
+    and the IVS Web SDK offers its participant token as one: the token must not reach the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Client protocols" in str(record.msg) and isinstance(record.args, tuple) and record.args:
+            record.msg = "%s: the client's WebSocket subprotocols were not accepted (not logged: a token)"
+            record.args = record.args[:1]
+        return True
+
+
+def protect_websocket_tokens() -> None:
+    """Installs OfferedProtocolsRedactor once; every process that serves WebSockets calls it."""
+    websocket = logging.getLogger("aiohttp.websocket")
+    if not any(isinstance(f, OfferedProtocolsRedactor) for f in websocket.filters):
+        websocket.addFilter(OfferedProtocolsRedactor())
+
+
 def configure_logging(service: str, json_lines: bool, level: str = "INFO") -> None:
     """Replaces the root handlers; call once from a process's composition root."""
     handler = logging.StreamHandler(sys.stderr)
@@ -43,3 +61,4 @@ def configure_logging(service: str, json_lines: bool, level: str = "INFO") -> No
     # aiohttp's access log would print every heartbeat; our own middleware logs what matters.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("botocore").setLevel(logging.WARNING)
+    protect_websocket_tokens()

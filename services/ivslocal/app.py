@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from services.common.ivs_quotas import OPERATION_RATES
+from services.common.logs import protect_websocket_tokens
 from services.ivslocal import wire
 from services.ivslocal.config import Settings
 from services.ivslocal.errors import IvsApiError, ThrottlingError, UnknownOperationError, ValidationError
@@ -330,6 +331,8 @@ def create_app(
     settings: Settings, state: IvsState | None = None, *, stats: CallStats | None = None
 ) -> web.Application:
     """The emulator's aiohttp app; pass `state` to share one IvsState with a test or the events socket."""
+    # The SDK offers its token as a WebSocket subprotocol, which aiohttp would log on refusing it.
+    protect_websocket_tokens()
     app = web.Application(middlewares=[error_middleware])
     app[STATE_KEY] = state if state is not None else IvsState(settings)
     app[STATS_KEY] = stats if stats is not None else CallStats()

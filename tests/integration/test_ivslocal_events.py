@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -421,3 +422,22 @@ async def test_a_socket_that_never_joins_properly_is_refused(ivslocal: IvsLocalS
         assert ws.close_code == 4001
     with pytest.raises(ClientError):
         await ivs.get_stage_session(stageArn=stage_arn, sessionId="st-" + "a" * 13)
+
+
+async def test_a_token_offered_as_a_subprotocol_never_reaches_the_log(
+    ivslocal: IvsLocalServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real Web SDK offers its participant token as the socket's subprotocol; aiohttp logs the
+    offered protocols it does not accept, which must not put the token in the log."""
+    caplog.set_level(logging.DEBUG)
+    ivs = ivslocal.client()
+    stage_arn = (await ivs.create_stage())["stage"]["arn"]
+    token = (await api_token(ivs, stage_arn))["token"]
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(events_url(token), protocols=[token])
+        await ws.close()
+    handshake = [r for r in caplog.records if r.name == "aiohttp.websocket"]
+    assert handshake, "aiohttp no longer logs refused subprotocols: this test has nothing left to check"
+    # The server's side: aiohttp and the emulator (this test's own boto3 debug lines are not its log).
+    server = [r for r in caplog.records if r.name.startswith(("aiohttp", "services"))]
+    assert [r.name for r in server if token in r.getMessage()] == []
