@@ -69,6 +69,8 @@ async def viewer_token(request: web.Request) -> web.Response:
         {
             "room": assigned.room or parsed.room,
             "userId": assigned.user_id or parsed.user_id,
+            # DESIGN §7: the real-time tier (an overflow tier answers with a playback URL instead).
+            "tier": "realtime",
             **participant_token_json(assigned.token),
             "leaseSeconds": assigned.lease_seconds,
         }

@@ -74,6 +74,7 @@ async def test_viewer_gets_a_subscribe_only_token_and_is_sticky(system: System) 
     assert claims["user_id"] == "v1" and claims["resource"] == first["stageArn"]
     assert claims["exp"] > time.time() + 3600
     assert first["leaseSeconds"] == 60
+    assert first["tier"] == second["tier"] == "realtime"
 
 
 async def test_a_missing_user_id_is_generated(system: System) -> None:
