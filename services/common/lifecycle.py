@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
+import uvloop
+
 from services.common.env import ConfigError
 
 T = TypeVar("T")
@@ -58,6 +60,7 @@ def freeze_startup_heap() -> None:
 
 
 def run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """asyncio.run, with a Ctrl-C before the handlers are installed treated as a normal stop."""
+    """Runs `main` on uvloop (libuv: less CPU per request for aiohttp and grpc.aio than the default
+    loop), with a Ctrl-C before the handlers are installed treated as a normal stop."""
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+        uvloop.run(main())
