@@ -4,9 +4,10 @@ follows within about a second, one log line per outage, and the system recovers 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import aiohttp
@@ -48,6 +49,21 @@ def assert_fast_503s(answers: list[tuple[int, dict, dict, float]]) -> None:
         assert elapsed < ANSWER_WITHIN, f"a 503 took {elapsed:.2f} s"
 
 
+@contextlib.asynccontextmanager
+async def show_on_redis(
+    tmp_path: Path, redis: RedisServer
+) -> AsyncIterator[tuple[System, aiohttp.ClientSession]]:
+    """The system with its leases on `redis`, and a show on: viewers can be placed."""
+    async with (
+        running_system(
+            tmp_path, FANOUT_MIN_STAGES="2", FANOUT_STORE="redis", FANOUT_REDIS_URL=redis.url
+        ) as system,
+        aiohttp.ClientSession() as http,
+    ):
+        await start_show(http, system)
+        yield system, http
+
+
 def outage_records(
     caplog: pytest.LogCaptureFixture,
 ) -> tuple[list[logging.LogRecord], list[logging.LogRecord]]:
@@ -61,13 +77,7 @@ async def test_redis_down_answers_503_with_the_error_shape_and_recovers(
     tmp_path: Path, private_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    async with (
-        running_system(
-            tmp_path, FANOUT_MIN_STAGES="2", FANOUT_STORE="redis", FANOUT_REDIS_URL=private_redis.url
-        ) as system,
-        aiohttp.ClientSession() as http,
-    ):
-        await start_show(http, system)
+    async with show_on_redis(tmp_path, private_redis) as (system, http):
         assert (await post(http, system, "/api/token/viewer", {"userId": "early"}))[0] == 200
         caplog.clear()
 
@@ -93,13 +103,7 @@ async def test_a_frozen_redis_costs_a_viewer_a_fast_503_not_the_gateways_deadlin
     tmp_path: Path, private_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    async with (
-        running_system(
-            tmp_path, FANOUT_MIN_STAGES="2", FANOUT_STORE="redis", FANOUT_REDIS_URL=private_redis.url
-        ) as system,
-        aiohttp.ClientSession() as http,
-    ):
-        await start_show(http, system)
+    async with show_on_redis(tmp_path, private_redis) as (system, http):
         placed = {}
         for i in range(10):
             _, body, _, _ = await post(http, system, "/api/token/viewer", {"userId": f"seat{i}"})
