@@ -1,15 +1,9 @@
-// The broadcast page: camera preview, Go live (one Stage per publish token), Stop, and the room's
-// Stages table. Publishing itself lives in StageFanout; this module wires it to the DOM and the API.
-//
-// Go live asks POST /api/token/publisher-all once (it creates the room and answers a bad key with a
-// plain 401), joins those Stages, then follows the publisher events stream while live: a snapshot
-// re-syncs the set of Stages (on every reconnect too), stage-added joins a new Stage, stage-removed
-// leaves one, room-ended stops. So the audience can grow the pool without the page reloading.
+// The broadcast page: camera preview, Go live, Stop, and the room's Stages table. Going live (tokens,
+// the fan-out, the publisher events stream) lives in BroadcastSession; this module renders it.
 
-import { getConfig, getPublisherTokens, getRoom, reportPublishing } from './api.js';
-import { PublisherEvents } from './publisher-events.js';
+import { getConfig, getRoom } from './api.js';
+import { BroadcastSession } from './broadcast-session.js';
 import { loadStageSdk } from './sdk.js';
-import { StageFanout } from './stage-fanout.js';
 import { renderStagesTable } from './stages-table.js';
 import {
   ROOM_PATTERN,
@@ -18,7 +12,6 @@ import {
   roomFromQuery,
   setStatus,
   showError,
-  stageId,
   storageGet,
   storageSet,
 } from './ui.js';
@@ -63,17 +56,17 @@ window.fanoutBroadcast = view;
 let config = null;
 let sdk = null;
 let media = null; // MediaStream from getUserMedia
-let fanout = null;
-let events = null; // PublisherEvents while live
-let liveRoom = null; // room the current fan-out belongs to
-let liveKey = null;
-const problems = new Map(); // stageArn -> problem text
+// From Go live until Stop has finished or the room ended; kept after pagehide, which only stops it.
+let session = null;
+
+const isLive = () => session !== null && session.live;
+const liveStages = () => (session ? session.stages : []);
 
 function setState(state, text) {
   view.state = state;
   setStatus(els.status, state, text);
   const busy = state === 'going-live' || state === 'stopping';
-  const live = fanout !== null;
+  const live = isLive();
   els.goLive.disabled = busy || live || state === 'starting' || !config;
   els.stop.disabled = busy || !live;
   for (const input of [els.key, els.room, els.camera, els.mic]) input.disabled = busy || live;
@@ -162,36 +155,10 @@ async function startPreview() {
 
 // ---- going live ----------------------------------------------------------------------------
 
-async function report(stageArn, publishing, options) {
-  if (!liveKey || !liveRoom) return;
-  try {
-    await reportPublishing(liveKey, liveRoom, stageArn, publishing, options);
-  } catch (error) {
-    // 404: the Stage (or the room) is already gone, deleted by scale-in or by ending the room, maybe
-    // between our join and this report. Its stage-removed or room-ended is on its way; nothing to say.
-    if (error.status === 404) {
-      console.info(`publisher status for stage ${stageId(stageArn)} not reported: the Stage is gone (${error.code})`);
-      return;
-    }
-    console.warn(`publisher status report failed for stage ${stageId(stageArn)}: ${error.code}`);
-    fail(`Could not report the publish state of Stage ${stageId(stageArn)}: ${error.message}`);
-  }
-}
-
-function onProblem(stageArn, problem) {
-  if (problem) problems.set(stageArn, problem);
-  else problems.delete(stageArn);
-  if (problems.size === 0) {
-    if (view.state !== 'error') clearFailure();
-    return;
-  }
-  fail([...problems].map(([arn, text]) => `Stage ${stageId(arn)}: ${text}`).join('\n'));
-}
-
 function liveStatusText() {
-  const stages = fanout ? fanout.stages : [];
+  const stages = liveStages();
   const published = stages.filter((s) => s.publishState === 'published').length;
-  return `Live: publishing to ${published} of ${stages.length} Stage(s) in room ${liveRoom}.`;
+  return `Live: publishing to ${published} of ${stages.length} Stage(s) in room ${session.room}.`;
 }
 
 function eventsText(status) {
@@ -215,18 +182,18 @@ function eventsText(status) {
 }
 
 function renderSummary() {
-  const stages = fanout ? fanout.stages : [];
+  const stages = liveStages();
   view.publishing = stages.filter((s) => s.publishState === 'published').length;
   els.publishingCount.textContent = String(view.publishing);
   els.publishingCount.title = `${view.publishing} of ${stages.length} joined Stage(s) published`;
   els.eventsState.textContent = eventsText(view.events);
   els.eventsState.dataset.state = view.events ? view.events.state : '';
-  els.fanoutSummary.hidden = !fanout;
+  els.fanoutSummary.hidden = !isLive();
 }
 
 function onFanoutChange() {
-  view.stages = fanout ? fanout.stages : [];
-  if (fanout && view.state === 'live') setState('live', liveStatusText());
+  view.stages = liveStages();
+  if (isLive() && view.state === 'live') setState('live', liveStatusText());
   renderSummary();
   renderStages();
 }
@@ -236,47 +203,32 @@ function onEventsStatus(status) {
   renderSummary();
 }
 
-function followRoom(key, room) {
-  events = new PublisherEvents({
-    publisherKey: key,
-    room,
-    onSnapshot: (tokens) => fanout && fanout.sync(tokens),
-    onStageAdded: (token) => {
-      if (!fanout) return;
-      fanout.add(token);
-      refreshRoom();
-    },
-    onStageRemoved: (stageArn) => {
-      if (!fanout) return;
-      fanout.remove(stageArn);
-      refreshRoom();
-    },
-    onRoomEnded: roomEnded,
-    onFatal: (error) => {
-      if (error.status === 401) fail('Stage updates: the publisher key was rejected (401); new Stages are not joined.');
-      else fail(`Stage updates stopped: ${error.message}`);
-    },
-    onStatus: onEventsStatus,
-  });
-  events.start();
+function onProblems(message) {
+  if (message) fail(message);
+  else if (view.state !== 'error') clearFailure();
 }
 
-// Someone ended the room (DELETE /api/rooms/{room}, or it idled out): its Stages are being deleted.
-function roomEnded() {
-  const room = liveRoom;
-  if (fanout) fanout.removeAll();
-  fanout = null;
-  events = null;
-  liveKey = null;
-  liveRoom = null;
-  problems.clear();
+function onLive() {
+  view.room = session.room;
+  setState('live', '');
+}
+
+function onRefused(message) {
+  session = null;
+  setState('idle', 'Not live.');
+  fail(message);
+}
+
+function onEnded() {
+  const room = session.room;
+  session = null;
   view.stages = [];
   setState('ended', `The room ${room} was ended and its Stages deleted. Go live to start it again.`);
   renderSummary();
   refreshRoom();
 }
 
-async function goLive() {
+function goLive() {
   clearFailure();
   const key = els.key.value.trim();
   const room = currentRoom();
@@ -288,60 +240,32 @@ async function goLive() {
   storageSet(sessionStorage, KEY_STORAGE, key);
 
   setState('going-live', 'Getting publish tokens…');
-  let answer;
-  try {
-    answer = await getPublisherTokens(key, { room });
-  } catch (error) {
-    setState('idle', 'Not live.');
-    if (error.status === 401) fail('The publisher key was rejected (401). Check it and try again.');
-    else fail(`Could not get publish tokens: ${error.message}`);
-    return;
-  }
-
-  liveKey = key;
-  liveRoom = answer.room;
-  view.room = answer.room;
-  problems.clear();
-  fanout = new StageFanout({
+  session = new BroadcastSession({
     sdk,
+    publisherKey: key,
+    room,
     getTracks: mediaTracks,
-    onPublishing: (stageArn, publishing) => report(stageArn, publishing),
-    onProblem,
+    onLive,
+    onRefused,
     onChange: onFanoutChange,
+    onProblems,
+    onEventsStatus,
+    onRoomChanged: refreshRoom,
+    onEnded,
+    onError: fail,
   });
-  setState('live', '');
-  fanout.sync(answer.tokens);
-  onFanoutChange();
-  followRoom(key, answer.room);
-  refreshRoom();
+  session.start();
 }
 
 async function stop() {
-  if (!fanout) return;
+  if (!isLive()) return;
   setState('stopping', 'Leaving every Stage…');
-  if (events) events.stop();
-  events = null;
-  view.events = null;
-  const left = fanout.removeAll();
-  fanout = null;
+  await session.stop();
+  session = null;
   view.stages = [];
-  await Promise.allSettled(left.map((stageArn) => report(stageArn, false)));
-  liveKey = null;
-  liveRoom = null;
-  problems.clear();
   setState('idle', 'Not live.');
   renderSummary();
   renderStages();
-}
-
-// The page is going away: leave the Stages and tell the gateway without waiting for answers.
-function stopOnUnload() {
-  if (events) events.stop();
-  events = null;
-  if (!fanout) return;
-  const left = fanout.removeAll();
-  for (const stageArn of left) report(stageArn, false, { keepalive: true });
-  fanout = null;
 }
 
 // ---- room table ----------------------------------------------------------------------------
@@ -352,14 +276,14 @@ let lastRoomAnswer = null;
 let missingRoom = null;
 
 function renderStages() {
-  const local = new Map((fanout ? fanout.stages : []).map((s) => [s.stageArn, s]));
+  const local = new Map(liveStages().map((s) => [s.stageArn, s]));
   const stages = lastRoomAnswer ? lastRoomAnswer.stages : [];
   view.roomStages = stages;
   renderStagesTable(els.stagesBody, stages, local, els.stagesBody.dataset.empty || 'No Stages yet.');
 }
 
 async function refreshRoom() {
-  const room = liveRoom || currentRoom();
+  const room = session ? session.room : currentRoom();
   view.room = room;
   els.roomName.textContent = room || '';
   if (!room) {
@@ -368,7 +292,7 @@ async function refreshRoom() {
     renderStages();
     return;
   }
-  if (room === missingRoom && !fanout) return;
+  if (room === missingRoom && !isLive()) return;
   try {
     lastRoomAnswer = await getRoom(room);
     missingRoom = null;
@@ -407,7 +331,8 @@ async function main() {
     missingRoom = null;
     refreshRoom();
   });
-  window.addEventListener('pagehide', stopOnUnload);
+  // The page is going away: leave the Stages and tell the gateway without waiting for answers.
+  window.addEventListener('pagehide', () => session && session.stop({ unloading: true }));
 
   try {
     config = await getConfig();
