@@ -99,7 +99,8 @@ async def test_join_ramp_grows_the_pool_ahead_and_drains_it_behind(tmp_path: Pat
         lead_samples = system.registries["stagemanager"].get_sample_value(
             "fanout_stage_lead_time_seconds_count"
         )
-        assert lead_samples is not None and 1 <= lead_samples <= len(states) - 1
+        # (Not the first Stage: it was made before the show. Some may be drained and gone already.)
+        assert lead_samples is not None and 1 <= lead_samples <= scale_outs(system)
         print(
             f"ramp: 500 joins in {ramp_seconds:.1f}s, {len(states)} Stages, peak overflow {peak_overflow}, "
             f"first scale-out at viewer {second_stage_at}"
