@@ -25,6 +25,11 @@ class AllocatorMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=registry,
         )
+        self.store_up = Gauge(
+            "fanout_lease_store_up",
+            "1 while the lease store answers (always 1 for the in-process store), 0 during an outage.",
+            registry=registry,
+        )
         self.reaped = Counter(
             "fanout_leases_reaped",
             "Viewer leases that expired without a leave, by room.",

@@ -114,19 +114,37 @@ async def start_allocator(
     )
     tasks = [
         asyncio.create_task(watcher.run()),
-        asyncio.create_task(_serve_when_ready(watcher, server, store)),
+        asyncio.create_task(_serve_when_ready(watcher, server, store, metrics)),
         asyncio.create_task(_reap_forever(allocator)),
     ]
     return AllocatorService(server, allocator, store, caller, tasks)
 
 
-async def _serve_when_ready(watcher: InventoryWatcher, server: GrpcServer, store: LeaseStore) -> None:
-    await watcher.ready.wait()
-    if isinstance(store, GuardedLeaseStore):
-        # SERVING only while the store answers: without it no viewer can be placed.
-        await store.watch(server.set_serving)
-    else:
+async def _serve_when_ready(
+    watcher: InventoryWatcher, server: GrpcServer, store: LeaseStore, metrics: AllocatorMetrics
+) -> None:
+    """SERVING once the inventory is in and while the lease store answers: without either no viewer
+    can be placed. The store's health is followed (and exported) from the start."""
+    if not isinstance(store, GuardedLeaseStore):
+        metrics.store_up.set(1)
+        await watcher.ready.wait()
         await server.set_serving(True)
+        return
+    store_up = False
+
+    async def follow_store(healthy: bool) -> None:
+        nonlocal store_up
+        store_up = healthy
+        metrics.store_up.set(1 if healthy else 0)
+        await server.set_serving(healthy and watcher.ready.is_set())
+
+    watching = asyncio.create_task(store.watch(follow_store))
+    try:
+        await watcher.ready.wait()
+        await server.set_serving(store_up)
+        await watching
+    finally:
+        watching.cancel()
 
 
 async def _reap_forever(allocator: Allocator) -> None:

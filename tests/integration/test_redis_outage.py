@@ -64,6 +64,10 @@ async def show_on_redis(
         yield system, http
 
 
+def store_up(system: System) -> float | None:
+    return system.registries["allocator"].get_sample_value("fanout_lease_store_up")
+
+
 def outage_records(
     caplog: pytest.LogCaptureFixture,
 ) -> tuple[list[logging.LogRecord], list[logging.LogRecord]]:
@@ -87,13 +91,16 @@ async def test_redis_down_answers_503_with_the_error_shape_and_recovers(
         )
         heartbeat = await post(http, system, "/api/viewer/heartbeat", {"room": "main", "userId": "early"})
         await eventually(lambda: _is(ready(http, system), 503), what="readiness to drop", within=3)
+        store_up_during = store_up(system)
 
         private_redis.start()
         await eventually(lambda: _is(ready(http, system), 200), what="readiness to come back", within=10)
         after = await post(http, system, "/api/token/viewer", {"userId": "after"})
+        store_up_after = store_up(system)
 
     assert_fast_503s([*joins, heartbeat])
     assert after[0] == 200, after
+    assert (store_up_during, store_up_after) == (0, 1), "the outage shows on the allocator's metrics"
     announced, tracebacks = outage_records(caplog)
     assert len(announced) == 1, "one log line for the outage, not one per request"
     assert tracebacks == []
