@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from services.allocator.inventory import KEEPS_VIEWERS, StageInventory, StageView
 from services.allocator.metrics import AllocatorMetrics
@@ -29,6 +30,9 @@ class PlacementSettings:
     # How long IssuePublisherTokens waits for the WatchRoom stream to catch up with a revision.
     revision_wait_seconds: float = 5.0
     no_capacity_retry_after: int = 5
+    # Concurrent subscriptions of the whole region, every room together (ivs-facts §3: 20,000 by
+    # default, adjustable): one per viewer, since each subscribes to the one broadcaster.
+    region_subscription_quota: int = 20_000
     # How long a monitor observation of a Stage's viewers stays good for placement decisions.
     observation_ttl_seconds: float = 30.0
 
@@ -130,14 +134,11 @@ class Allocator:
             settings.hard_limit,
             settings.lease_seconds,
             now,
+            settings.region_subscription_quota,
         )
         if assignment is None:
             self._metrics.assignment(room, "refused")
-            raise NoCapacity(
-                f"room {room} has no Stage that can take another viewer",
-                code="no_capacity",
-                retry_after=settings.no_capacity_retry_after,
-            )
+            await self._refuse(room, now)
         stage = stages[assignment.lease.stage_arn]
         token = await self._minter.mint(
             _endpoints(stage),
@@ -150,6 +151,23 @@ class Allocator:
         self._metrics.assignment(room, "sticky" if assignment.sticky else "placed")
         self._metrics.assign_latency.observe(time.perf_counter() - started)
         return ViewerPlacement(room, user_id, token, settings.lease_seconds, assignment.sticky)
+
+    async def _refuse(self, room: str, now: float) -> NoReturn:
+        """Says which limit turned the viewer away: the region's subscription quota, or the room's Stages."""
+        settings = self._settings
+        quota = settings.region_subscription_quota
+        if await self._store.region_leases(now) >= quota:
+            raise NoCapacity(
+                f"the region's concurrent-subscription quota is reached ({quota} viewers in every room "
+                "together, FANOUT_REGION_SUBSCRIPTION_QUOTA); ask AWS to raise it",
+                code="capacity_exhausted",
+                retry_after=settings.no_capacity_retry_after,
+            )
+        raise NoCapacity(
+            f"room {room} has no Stage that can take another viewer",
+            code="no_capacity",
+            retry_after=settings.no_capacity_retry_after,
+        )
 
     async def renew_viewer(self, room: str, user_id: str) -> tuple[int, str]:
         check_room_id(room)

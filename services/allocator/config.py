@@ -73,6 +73,9 @@ def read_settings(environ: Mapping[str, str]) -> AllocatorSettings:
             viewer_token_seconds=env.int(
                 "FANOUT_VIEWER_TOKEN_SECONDS", 12 * 3600, minimum=60, maximum=TWO_WEEKS
             ),
+            region_subscription_quota=env.int(
+                "FANOUT_REGION_SUBSCRIPTION_QUOTA", 20_000, minimum=1, maximum=100_000_000
+            ),
             observation_ttl_seconds=env.float(
                 "FANOUT_OBSERVATION_TTL_SECONDS", 30.0, minimum=1.0, maximum=3600.0
             ),

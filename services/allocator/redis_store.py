@@ -11,6 +11,11 @@ script touches a single slot:
 - `room:{R}:joins`         int   new placements (not sticky renewals) since the store began
 - `room:{R}:reaped`        list  "<arn>|<expires_at>|<user>" expired but not yet reported by `reap`,
                                  capped to its newest `max_unreported_expired` entries
+- `region-leases`          int   leases in every room together: the regional concurrent-subscription
+                                 quota's count. Every script updates it beside the room's own keys, so
+                                 the quota holds across rooms and allocator replicas. It is the one key
+                                 outside the room's slot a script touches: on Redis Cluster, give the
+                                 namespace one slot (a single primary carries this system easily).
 
 Two keys span rooms; they are only written beside a script, never inside one:
 
@@ -47,10 +52,11 @@ MAX_CONNECTIONS = 64
 # What an unreachable Redis looks like; any other RedisError (a script error) is a bug, not an outage.
 OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
 
-# Shared by every script: KEYS[1] leases, KEYS[2] expiry, KEYS[3] counts, KEYS[4] reaped;
-# ARGV[1] the room's per-Stage set key prefix. Per-Stage keys are built from it, in the room's slot.
+# Shared by every script: KEYS[1] leases, KEYS[2] expiry, KEYS[3] counts, KEYS[4] reaped, KEYS[5]
+# region-leases; ARGV[1] the room's per-Stage set key prefix. Per-Stage keys are built from it, in the
+# room's slot.
 _COMMON = """
-local leases, expiry, counts, reaped = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local leases, expiry, counts, reaped, region = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local stage_prefix = ARGV[1]
 
 local function parse(value)
@@ -59,7 +65,9 @@ local function parse(value)
 end
 
 local function remove(user, arn)
-  redis.call('HDEL', leases, user)
+  if redis.call('HDEL', leases, user) == 1 then
+    redis.call('DECR', region)
+  end
   redis.call('ZREM', expiry, user)
   redis.call('SREM', stage_prefix .. arn, user)
   if redis.call('HINCRBY', counts, arn, -1) <= 0 then
@@ -68,7 +76,9 @@ local function remove(user, arn)
 end
 
 local function put(user, arn, expires)
-  redis.call('HSET', leases, user, arn .. '|' .. expires)
+  if redis.call('HSET', leases, user, arn .. '|' .. expires) == 1 then
+    redis.call('INCR', region)
+  end
   redis.call('ZADD', expiry, expires, user)
   if redis.call('SADD', stage_prefix .. arn, user) == 1 then
     redis.call('HINCRBY', counts, arn, 1)
@@ -94,8 +104,8 @@ local function expire(now, max_reaped)
 end
 """
 
-# ARGV: 1 stage prefix, 2 user, 3 now, 4 new expiry, 5 hard limit, 6 max reaped, 7 n keep_on,
-# then keep_on arns, then (arn, index, observed) per candidate. KEYS[5] joins.
+# ARGV: 1 stage prefix, 2 user, 3 now, 4 new expiry, 5 hard limit, 6 max reaped, 7 region quota
+# (0: none), 8 n keep_on, then keep_on arns, then (arn, index, observed) per candidate. KEYS[6] joins.
 # Returns {sticky 0/1, arn, expires} or false when nothing can take the viewer.
 _ASSIGN = (
     _COMMON
@@ -103,20 +113,24 @@ _ASSIGN = (
 local user, now, expires = ARGV[2], ARGV[3], ARGV[4]
 local hard = tonumber(ARGV[5])
 expire(now, tonumber(ARGV[6]))
-local n_keep = tonumber(ARGV[7])
+local quota = tonumber(ARGV[7])
+local n_keep = tonumber(ARGV[8])
 local current = redis.call('HGET', leases, user)
 local current_arn = nil
 if current then
   current_arn = parse(current)
-  for i = 8, 7 + n_keep do
+  for i = 9, 8 + n_keep do
     if ARGV[i] == current_arn then
       put(user, current_arn, expires)
       return {1, current_arn, expires}
     end
   end
+elseif quota > 0 and tonumber(redis.call('GET', region) or '0') >= quota then
+  -- A new viewer is one more subscription in the region; one moving Stages is not.
+  return false
 end
 local best_arn, best_load, best_index = nil, nil, nil
-for i = 8 + n_keep, #ARGV, 3 do
+for i = 9 + n_keep, #ARGV, 3 do
   local arn, index, observed = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local leased = tonumber(redis.call('HGET', counts, arn) or '0')
   if arn == current_arn then
@@ -137,7 +151,7 @@ if current_arn then
   remove(user, current_arn)
 end
 put(user, best_arn, expires)
-redis.call('INCR', KEYS[5])
+redis.call('INCR', KEYS[6])
 return {0, best_arn, expires}
 """
 )
@@ -197,7 +211,9 @@ _DROP_STAGE = (
 local key = stage_prefix .. ARGV[2]
 local users = redis.call('SMEMBERS', key)
 for _, user in ipairs(users) do
-  redis.call('HDEL', leases, user)
+  if redis.call('HDEL', leases, user) == 1 then
+    redis.call('DECR', region)
+  end
   redis.call('ZREM', expiry, user)
 end
 redis.call('DEL', key)
@@ -216,6 +232,7 @@ for _, arn in ipairs(redis.call('HKEYS', counts)) do
 end
 local n = redis.call('HLEN', leases)
 redis.call('DEL', leases, expiry, counts)
+redis.call('DECRBY', region, n)
 return n
 """
 )
@@ -242,6 +259,7 @@ class RedisLeaseStore:
         self._max_reaped = str(max_unreported_expired)
         self._rooms_key = self._prefix + "rooms"
         self._joined_key = self._prefix + "joined-rooms"
+        self._region_key = self._prefix + "region-leases"
         self._assign = client.register_script(_ASSIGN)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -252,7 +270,7 @@ class RedisLeaseStore:
 
     def _room_keys(self, room: str) -> tuple[list[str], str]:
         base = f"{self._prefix}room:{{{room}}}:"
-        keys = [base + "leases", base + "expiry", base + "counts", base + "reaped"]
+        keys = [base + "leases", base + "expiry", base + "counts", base + "reaped", self._region_key]
         return keys, base + "stage:"
 
     def _joins_key(self, room: str) -> str:
@@ -283,6 +301,7 @@ class RedisLeaseStore:
         hard_limit: int,
         lease_seconds: float,
         now: float,
+        region_quota: int = 0,
     ) -> Assignment | None:
         if soft_capacity < 1:
             raise ValueError(f"soft capacity must be at least 1, got {soft_capacity}")
@@ -292,7 +311,7 @@ class RedisLeaseStore:
         expires = repr(float(now + lease_seconds))
         keep = list(keep_on)
         args: list[Any] = [stage_prefix, user_id, repr(float(now)), expires, hard_limit, self._max_reaped]
-        args += [len(keep), *keep]
+        args += [region_quota, len(keep), *keep]
         for candidate in candidates:
             args += [candidate.stage_arn, candidate.index, candidate.observed]
         result = await self._indexed(self._assign, [*keys, self._joins_key(room)], args, room, expires)
@@ -352,6 +371,11 @@ class RedisLeaseStore:
     async def drop_room(self, room: str) -> int:
         keys, stage_prefix = self._room_keys(room)
         return int(await self._drop_room(keys, [stage_prefix]))
+
+    async def region_leases(self, now: float) -> int:
+        # Expired leases leave the count when their room is next touched or reaped (every second):
+        # until then they count, which errs on the side of the quota.
+        return int(await self._client.get(self._region_key) or 0)
 
     async def joins(self) -> dict[str, int]:
         rooms = sorted(_text(room) for room in await self._client.smembers(self._joined_key))

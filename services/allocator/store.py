@@ -47,6 +47,7 @@ class LeaseStore(Protocol):
         hard_limit: int,
         lease_seconds: float,
         now: float,
+        region_quota: int = 0,
     ) -> Assignment | None:
         """Places a viewer, atomically.
 
@@ -54,7 +55,8 @@ class LeaseStore(Protocol):
         include DRAINING ones that are not candidates), extends it to `now + lease_seconds` and
         returns it with sticky=True; the viewer is not counted twice. Otherwise drops any old lease
         and leases the Stage `choose_stage(candidates, live lease counts, ...)` picks. Returns None,
-        changing nothing, when no candidate can take the viewer.
+        changing nothing, when no candidate can take the viewer, or when the viewer is new and the
+        store's leases in every room together reach `region_quota` (0: no such limit).
         """
         ...
 
@@ -85,6 +87,11 @@ class LeaseStore(Protocol):
 
     async def drop_room(self, room: str) -> int:
         """Removes every lease of an ended room, on any Stage; returns how many were removed."""
+        ...
+
+    async def region_leases(self, now: float) -> int:
+        """Leases in every room together: what the regional subscription quota counts. May include
+        leases expired since their room was last touched (at most until the next `reap`)."""
         ...
 
     async def joins(self) -> dict[str, int]:
@@ -124,6 +131,8 @@ class MemoryLeaseStore:
         # never reaps cannot grow without limit (the oldest are then dropped unreported).
         self._expired: deque[Lease] = deque(maxlen=max_unreported_expired)
         self._joins: Counter[str] = Counter()
+        # Leases in every room together, kept by _put and _remove.
+        self._region_leases = 0
 
     async def assign(
         self,
@@ -135,6 +144,7 @@ class MemoryLeaseStore:
         hard_limit: int,
         lease_seconds: float,
         now: float,
+        region_quota: int = 0,
     ) -> Assignment | None:
         state = self._rooms.get(room)
         if state is None:
@@ -146,6 +156,8 @@ class MemoryLeaseStore:
             renewed = replace(current, expires_at=now + lease_seconds)
             self._put(state, renewed)
             return Assignment(renewed, sticky=True)
+        if current is None and region_quota and await self.region_leases(now) >= region_quota:
+            return None  # a new viewer is one more subscription in the region; one moving is not
 
         leased = {c.stage_arn: len(state.viewers.get(c.stage_arn, ())) for c in candidates}
         if current is not None and current.stage_arn in leased:
@@ -213,12 +225,20 @@ class MemoryLeaseStore:
         users = state.viewers.pop(stage_arn, set())
         for user_id in users:
             del state.leases[user_id]
+        self._region_leases -= len(users)
         self._forget_if_empty(room, state)
         return len(users)
 
     async def drop_room(self, room: str) -> int:
         state = self._rooms.pop(room, None)
-        return len(state.leases) if state else 0
+        dropped = len(state.leases) if state else 0
+        self._region_leases -= dropped
+        return dropped
+
+    async def region_leases(self, now: float) -> int:
+        for room, state in list(self._rooms.items()):
+            self._expire(room, state, now)
+        return self._region_leases
 
     async def joins(self) -> dict[str, int]:
         return dict(self._joins)
@@ -230,6 +250,8 @@ class MemoryLeaseStore:
         """Nothing to release: the leases die with the process."""
 
     def _put(self, state: _Room, lease: Lease) -> None:
+        if lease.user_id not in state.leases:
+            self._region_leases += 1
         state.leases[lease.user_id] = lease
         state.viewers.setdefault(lease.stage_arn, set()).add(lease.user_id)
         heapq.heappush(state.expiries, (lease.expires_at, lease.user_id))
@@ -237,8 +259,8 @@ class MemoryLeaseStore:
             state.expiries = [(lease.expires_at, user) for user, lease in state.leases.items()]
             heapq.heapify(state.expiries)
 
-    @staticmethod
-    def _remove(state: _Room, lease: Lease) -> None:
+    def _remove(self, state: _Room, lease: Lease) -> None:
+        self._region_leases -= 1
         del state.leases[lease.user_id]
         users = state.viewers[lease.stage_arn]
         users.discard(lease.user_id)

@@ -105,10 +105,19 @@ class GuardedLeaseStore:
         hard_limit: int,
         lease_seconds: float,
         now: float,
+        region_quota: int = 0,
     ) -> Assignment | None:
         return await self._call(
             lambda: self._inner.assign(
-                room, user_id, candidates, keep_on, soft_capacity, hard_limit, lease_seconds, now
+                room,
+                user_id,
+                candidates,
+                keep_on,
+                soft_capacity,
+                hard_limit,
+                lease_seconds,
+                now,
+                region_quota,
             )
         )
 
@@ -132,6 +141,9 @@ class GuardedLeaseStore:
 
     async def drop_room(self, room: str) -> int:
         return await self._call(lambda: self._inner.drop_room(room))
+
+    async def region_leases(self, now: float) -> int:
+        return await self._call(lambda: self._inner.region_leases(now))
 
     async def joins(self) -> dict[str, int]:
         return await self._call(self._inner.joins)

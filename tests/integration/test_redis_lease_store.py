@@ -71,7 +71,11 @@ async def test_keys_stay_under_the_namespace_with_the_room_as_hash_tag(
     assert keys, "the store wrote nothing"
     room_keys = [key for key in keys if ":room:" in key]
     assert all(key.startswith(f"fanout:{namespace}:room:{{{ROOM}}}:") for key in room_keys), keys
-    assert set(keys) - set(room_keys) == {f"fanout:{namespace}:rooms", f"fanout:{namespace}:joined-rooms"}
+    assert set(keys) - set(room_keys) == {
+        f"fanout:{namespace}:rooms",
+        f"fanout:{namespace}:joined-rooms",
+        f"fanout:{namespace}:region-leases",
+    }
 
 
 @pytest.mark.parametrize(

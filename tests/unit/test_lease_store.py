@@ -215,6 +215,31 @@ class LeaseStoreContract:
             Lease("other", "u0", A.stage_arn, T0 + LEASE),
         ]
 
+    async def test_the_region_quota_counts_every_room_together(self, store: LeaseStore) -> None:
+        async def join(room: str, user: str, keep_on: set[str] = EXISTING) -> Assignment | None:
+            return await store.assign(room, user, ALL, keep_on, 10, 10, LEASE, T0, region_quota=3)
+
+        assert await join("r1", "a") is not None
+        assert await join("r1", "b") is not None
+        assert await join("r2", "c") is not None
+        assert await join("r2", "d") is None, "a 4th viewer anywhere in the region is refused"
+        assert await store.counts("r2", T0) == {A.stage_arn: 1}, "a refusal changes nothing"
+        assert await store.region_leases(T0) == 3
+        sticky = await join("r1", "a")
+        assert sticky is not None and sticky.sticky, "a viewer already counted keeps its seat"
+        moved = await join("r1", "b", keep_on=set())
+        assert moved is not None and not moved.sticky, "moving Stages is no new subscription"
+        assert await store.release("r2", "c")
+        assert await join("r2", "d") is not None
+        assert await store.drop_room("r1") == 2
+        assert await store.region_leases(T0) == 1
+        assert await join("r1", "e") is not None and await join("r1", "f") is not None
+        assert await store.drop_stage("r1", A.stage_arn) + await store.drop_stage("r1", B.stage_arn) == 2
+        assert await store.region_leases(T0) == 1
+        await store.reap(T0 + 2 * LEASE)
+        assert await store.region_leases(T0 + 2 * LEASE) == 0, "expired leases leave the count"
+        await store.close()
+
     async def test_rooms_are_independent(self, store: LeaseStore) -> None:
         await store.assign("r1", "u1", [A], {A.stage_arn}, 1, 1, LEASE, T0)
         assert await store.assign("r2", "u1", [A], {A.stage_arn}, 1, 1, LEASE, T0) is not None

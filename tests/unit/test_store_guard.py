@@ -51,13 +51,14 @@ class FlakyStore(MemoryLeaseStore):
         hard_limit: int,
         lease_seconds: float,
         now: float,
+        region_quota: int = 0,
     ) -> Assignment | None:
         self.calls += 1
         if self.slow_calls:
             await asyncio.Event().wait()
         await self._reach()
         return await super().assign(
-            room, user_id, candidates, keep_on, soft_capacity, hard_limit, lease_seconds, now
+            room, user_id, candidates, keep_on, soft_capacity, hard_limit, lease_seconds, now, region_quota
         )
 
     async def ping(self) -> None:
