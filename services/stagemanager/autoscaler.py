@@ -35,6 +35,9 @@ class AutoscalerSettings:
     # After the account's Stage quota refused a Stage, wait this long before asking again.
     quota_retry_seconds: float = 60.0
     tick_seconds: float = 1.0
+    # Concurrent subscriptions of the whole region, every room together (the allocator refuses past
+    # it): a Stage no viewer can be placed on is not made.
+    region_subscription_quota: int = 20_000
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,10 @@ def plan_room(
     settings: AutoscalerSettings,
     surplus_ripe: bool,
     may_create: bool,
+    region_left: int | None = None,
 ) -> Plan:
-    """One tick's decision for one room; `surplus_ripe` says a surplus has outlasted the cooldown."""
+    """One tick's decision for one room; `surplus_ripe` says a surplus has outlasted the cooldown;
+    `region_left` is how many more viewers the region's subscription quota admits, in every room."""
     stages = list(room.stages.values())
     active = [s for s in stages if s.state in ACTIVE_STATES]
     draining = [s for s in stages if s.state is StageState.DRAINING]
@@ -126,6 +131,9 @@ def plan_room(
             (s for s in draining if s not in retire), key=lambda s: viewers.get(s.arn, 0), reverse=True
         )[:missing]
         room_left = settings.max_stages_per_room - sum(1 for s in stages if s.state is not StageState.FAILED)
+        if region_left is not None:
+            # Past the regional quota no viewer can be placed, however many Stages there are.
+            room_left = min(room_left, math.ceil(max(0, region_left - free) / capacity))
         create = min(missing - len(comeback), room_left) if may_create else 0
         return Plan(
             create=max(0, create), reactivate=tuple(comeback), retire=retire, free=free, wanted_free=wanted
@@ -192,12 +200,14 @@ class Autoscaler:
             log.info("autoscaler resumed: occupancy available again")
             self._occupancy_down = False
         now = self._clock()
+        region_viewers = sum(sum(load.viewers.values()) for load in loads.values())
+        region_left = self._settings.region_subscription_quota - region_viewers
         for room in self._inventory.rooms():
-            await self._scale_room(room, loads.get(room.room, RoomLoad({}, 0)), now)
+            await self._scale_room(room, loads.get(room.room, RoomLoad({}, 0)), now, region_left)
         for gone in set(self._state) - {room.room for room in self._inventory.rooms()}:
             del self._state[gone]
 
-    async def _scale_room(self, room: RoomRecord, load: RoomLoad, now: float) -> None:
+    async def _scale_room(self, room: RoomRecord, load: RoomLoad, now: float, region_left: int) -> None:
         settings = self._settings
         if room.ending:
             return
@@ -226,7 +236,15 @@ class Autoscaler:
             state.surplus_since is not None
             and now - state.surplus_since >= settings.scale_in_cooldown_seconds
         )
-        plan = plan_room(room, load.viewers, wanted, settings, ripe, may_create=now >= state.quota_until)
+        plan = plan_room(
+            room,
+            load.viewers,
+            wanted,
+            settings,
+            ripe,
+            may_create=now >= state.quota_until,
+            region_left=region_left,
+        )
         reason = (
             f"free {plan.free} < wanted {plan.wanted_free:.0f} (join rate {rate:.1f}/s x lead {lead:.1f}s)"
         )

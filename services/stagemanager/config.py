@@ -49,6 +49,9 @@ def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
         room_idle_seconds=env.float("FANOUT_ROOM_IDLE_SECONDS", 1800.0, minimum=1.0, maximum=7 * 86_400.0),
         quota_retry_seconds=env.float("FANOUT_QUOTA_RETRY_SECONDS", 60.0, minimum=1.0, maximum=3600.0),
         tick_seconds=env.float("FANOUT_AUTOSCALER_TICK_SECONDS", 1.0, minimum=0.05, maximum=60.0),
+        region_subscription_quota=env.int(
+            "FANOUT_REGION_SUBSCRIPTION_QUOTA", 20_000, minimum=1, maximum=100_000_000
+        ),
     )
     return StageManagerSettings(
         listen=env.str("FANOUT_STAGEMANAGER_LISTEN", "127.0.0.1:50061", pattern=GRPC_ADDRESS_PATTERN),

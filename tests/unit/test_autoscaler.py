@@ -56,6 +56,15 @@ def test_growth_stops_at_the_room_maximum_and_while_the_quota_refuses() -> None:
     assert plan_room(room, viewers, 500, SETTINGS, False, may_create=False).create == 0
 
 
+def test_no_stage_is_made_past_the_regional_subscription_quota() -> None:
+    room = room_with(StageState.LIVE)
+    viewers = {arn(0): 50}
+    # 500 free slots wanted, but the region admits only 120 more viewers: 3 Stages of 50, not 9.
+    assert plan_room(room, viewers, 500, SETTINGS, False, True, region_left=120).create == 3
+    assert plan_room(room, viewers, 500, SETTINGS, False, True, region_left=0).create == 0
+    assert plan_room(room, viewers, 500, SETTINGS, False, True, region_left=None).create == 9  # room maximum
+
+
 def test_draining_stages_come_back_before_new_ones_are_made() -> None:
     room = room_with(StageState.LIVE, StageState.DRAINING)
     plan = plan_room(room, {arn(0): 50, arn(1): 5}, 60, SETTINGS, False, True)
