@@ -263,6 +263,8 @@ class Allocator:
             ((s.room, s.stage_arn, s.leased, s.observed, s.viewers) for s in occupancy.stages),
             {r.room: r.viewers for r in occupancy.rooms},
         )
+        self._metrics.region_subscriptions.set(await self._store.region_leases(self._clock()))
+        self._metrics.region_subscription_quota.set(self._settings.region_subscription_quota)
 
     async def stages_removed(self, stages: list[StageView]) -> None:
         """Leases on a deleted Stage end with it."""

@@ -25,6 +25,16 @@ class AllocatorMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=registry,
         )
+        self.region_subscriptions = Gauge(
+            "fanout_region_subscriptions",
+            "Viewers in every room together, as the regional concurrent-subscription quota counts them.",
+            registry=registry,
+        )
+        self.region_subscription_quota = Gauge(
+            "fanout_region_subscription_quota",
+            "The regional concurrent-subscription quota (FANOUT_REGION_SUBSCRIPTION_QUOTA).",
+            registry=registry,
+        )
         self.store_up = Gauge(
             "fanout_lease_store_up",
             "1 while the lease store answers (always 1 for the in-process store), 0 during an outage.",

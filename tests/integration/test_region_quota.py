@@ -14,6 +14,7 @@ import pytest
 from protos.fanout.v1 import allocator_pb2, allocator_pb2_grpc
 from tests.integration.system import System, running_system, start_allocator_for, wait_until_serving
 from tests.integration.test_viewers import start_show
+from tests.integration.waiting import eventually
 from tests.redis_server import RedisServer
 
 QUOTA = 100
@@ -74,6 +75,12 @@ async def test_two_rooms_never_place_more_than_the_region_quota_together(
             occupancy = await system.allocator.GetOccupancy(allocator_pb2.GetOccupancyRequest())
             # A viewer already placed keeps its seat and gets a fresh token at the quota.
             again = await join_through_gateway(http, system, "one", "early")
+            registry = system.registries["allocator"]
+            await eventually(
+                lambda: registry.get_sample_value("fanout_region_subscriptions") == QUOTA,
+                what="the regional headroom on the allocator's metrics",
+            )
+            quota_gauge = registry.get_sample_value("fanout_region_subscription_quota")
         finally:
             if second is not None:
                 await second.stop(0)
@@ -81,3 +88,4 @@ async def test_two_rooms_never_place_more_than_the_region_quota_together(
     assert sum(room.viewers for room in occupancy.rooms) == QUOTA
     assert {room.room for room in occupancy.rooms if room.viewers} == {"one", "two"}
     assert again == "placed"
+    assert quota_gauge == QUOTA
