@@ -13,7 +13,8 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import validation
-from gateway.appkeys import CLIENTS, METRICS, PUBLISHER_AUTH, SETTINGS
+from gateway.admission import PUBLISHER, VIEWER
+from gateway.appkeys import ADMISSION, CLIENTS, METRICS, SETTINGS
 from gateway.errors import BodyTimeout, MalformedBody, UpstreamError, calling
 from gateway.shapes import participant_token_json, state_name
 from protos.fanout.v1 import allocator_pb2, stagemanager_pb2
@@ -29,8 +30,11 @@ _REFUSALS = {
 async def publisher_tokens(request: web.Request) -> web.Response:
     """POST /api/token/publisher-all: ensure the room exists, then a publish token for each Stage."""
     settings, clients = request.app[SETTINGS], request.app[CLIENTS]
-    request.app[PUBLISHER_AUTH].require(request.headers.get("Authorization"))
-    parsed = validation.parse_publisher_tokens(await _json_body(request), settings.default_room)
+    ticket = await request.app[ADMISSION].publisher(request.headers.get("Authorization"))
+    body = await _json_body(request)
+    if ticket is not None:
+        body = ticket.admit_body(body, PUBLISHER)
+    parsed = validation.parse_publisher_tokens(body, settings.default_room)
     async with calling("stagemanager", "EnsureRoom"):
         ensured = await clients.stagemanager.EnsureRoom(
             stagemanager_pb2.EnsureRoomRequest(room=parsed.room),
@@ -54,7 +58,11 @@ async def viewer_token(request: web.Request) -> web.Response:
     """POST /api/token/viewer: a subscribe-only token on the least-loaded Stage, with a lease."""
     started = time.perf_counter()
     settings, clients, metrics = request.app[SETTINGS], request.app[CLIENTS], request.app[METRICS]
-    parsed = validation.parse_viewer_token(await _json_body(request), settings.default_room)
+    ticket = await request.app[ADMISSION].viewer(request.headers.get("Authorization"))
+    body = await _json_body(request)
+    if ticket is not None:
+        body = ticket.admit_body(body, VIEWER)
+    parsed = validation.parse_viewer_token(body, settings.default_room)
     try:
         async with calling("allocator", "AssignViewer"):
             assigned = await clients.allocator.AssignViewer(
@@ -112,8 +120,10 @@ async def viewer_leave(request: web.Request) -> web.Response:
 async def publisher_status(request: web.Request) -> web.Response:
     """POST /api/rooms/{room}/publisher/status: the broadcast page publishes (or stopped) on a Stage."""
     settings, clients = request.app[SETTINGS], request.app[CLIENTS]
-    request.app[PUBLISHER_AUTH].require(request.headers.get("Authorization"))
+    ticket = await request.app[ADMISSION].publisher(request.headers.get("Authorization"))
     room = validation.parse_room(request.match_info["room"])
+    if ticket is not None:
+        ticket.require(room=room, role=PUBLISHER)
     parsed = validation.parse_publisher_status(room, await _json_body(request))
     async with calling("stagemanager", "ReportPublisherStatus"):
         await clients.stagemanager.ReportPublisherStatus(
@@ -177,8 +187,10 @@ async def get_room(request: web.Request) -> web.Response:
 async def end_room(request: web.Request) -> web.Response:
     """DELETE /api/rooms/{room}: drains and deletes every Stage of the room."""
     settings, clients = request.app[SETTINGS], request.app[CLIENTS]
-    request.app[PUBLISHER_AUTH].require(request.headers.get("Authorization"))
+    ticket = await request.app[ADMISSION].publisher(request.headers.get("Authorization"))
     room = validation.parse_room(request.match_info["room"])
+    if ticket is not None:
+        ticket.require(room=room, role=PUBLISHER)
     async with calling("stagemanager", "EndRoom"):
         await clients.stagemanager.EndRoom(
             stagemanager_pb2.EndRoomRequest(room=room), timeout=settings.room_rpc_timeout_seconds

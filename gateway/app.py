@@ -10,7 +10,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 
-from gateway.appkeys import CLIENTS, METRICS, PUBLISHER_AUTH, SETTINGS
+from gateway.admission import Admission, build_ticket_verifier
+from gateway.appkeys import ADMISSION, CLIENTS, METRICS, PUBLISHER_AUTH, SETTINGS
 from gateway.auth import PublisherAuth
 from gateway.clients import GatewayClients
 from gateway.config import GatewaySettings
@@ -51,6 +52,9 @@ def create_app(
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[PUBLISHER_AUTH] = PublisherAuth(settings.publisher_keys)
+    app[ADMISSION] = Admission(
+        app[PUBLISHER_AUTH], build_ticket_verifier(settings), viewer_tickets=settings.viewer_auth == "jwt"
+    )
     if clients is not None:
         app[CLIENTS] = clients
     else:

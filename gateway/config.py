@@ -6,7 +6,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from jwt.exceptions import PyJWTError
+
+from gateway.admission import load_jwks_file
 from services.common.env import ConfigError, Env
 from services.common.ids import ROOM_ID_PATTERN
 from services.common.ivs_settings import read_mode
@@ -56,6 +60,19 @@ class GatewaySettings:
     # Open connections (event streams included) per gateway process; beyond it new connections get a
     # 503. Sized for thousands of viewers on direct keep-alive connections within the pod's memory.
     http_max_connections: int = 10_000
+    # Admission by the host app (gateway/admission.py): "jwt" requires a ticket of viewers; any one
+    # key source (secret, JWKS URL or file) also lets publisher tickets in, beside the static keys.
+    viewer_auth: str = "open"
+    ticket_secret: str = field(default="", repr=False)
+    ticket_jwks_url: str | None = None
+    ticket_jwks_file: Path | None = None
+    ticket_issuer: str | None = None
+    ticket_audience: str | None = None
+    ticket_leeway_seconds: int = 30
+    # PyJWKClient's cache of the key set, and the least time between two fetches: an unknown kid
+    # refetches (rotation), but a flood of unknown kids cannot hammer the host app.
+    ticket_jwks_cache_seconds: float = 300.0
+    ticket_jwks_min_refetch_seconds: float = 30.0
 
     @property
     def heartbeat_seconds(self) -> int:
@@ -88,6 +105,7 @@ class GatewaySettings:
                 f"FANOUT_HTTP_HEADER_TIMEOUT_SECONDS={header_timeout}"
             )
         web_dir_raw = env.raw("FANOUT_WEB_DIR")
+        admission = _admission_settings(env)
         return cls(
             host=env.str("FANOUT_GATEWAY_HOST", "127.0.0.1", pattern=_HOST_PATTERN),
             port=env.int("FANOUT_GATEWAY_PORT", 8080, minimum=0, maximum=65535),
@@ -113,4 +131,53 @@ class GatewaySettings:
             ),
             http_idle_seconds=idle,
             http_max_connections=env.int("FANOUT_HTTP_MAX_CONNECTIONS", 10_000, minimum=1, maximum=1_000_000),
+            **admission,
         )
+
+
+def _admission_settings(env: Env) -> dict[str, Any]:
+    viewer_auth = env.choice("FANOUT_VIEWER_AUTH", "open", ("open", "jwt"))
+    secret = env.raw("FANOUT_TICKET_SECRET") or ""
+    if secret and (len(secret) < 32 or not secret.isascii()):
+        # Never echo the value: it is a secret. HS256 wants at least 256 bits of key.
+        raise ConfigError("FANOUT_TICKET_SECRET must be at least 32 ASCII characters")
+    jwks_url = env.str("FANOUT_TICKET_JWKS_URL", "", pattern=r"https?://[^\s]+") or None
+    jwks_file_raw = env.raw("FANOUT_TICKET_JWKS_FILE")
+    jwks_file = Path(jwks_file_raw) if jwks_file_raw is not None else None
+    given = {
+        "FANOUT_TICKET_SECRET": bool(secret),
+        "FANOUT_TICKET_JWKS_URL": jwks_url is not None,
+        "FANOUT_TICKET_JWKS_FILE": jwks_file is not None,
+    }
+    sources = [name for name, is_set in given.items() if is_set]
+    if len(sources) > 1:
+        raise ConfigError(f"set only one of {', '.join(sources)}: each is a complete source of ticket keys")
+    if viewer_auth == "jwt" and not sources:
+        raise ConfigError(
+            "FANOUT_VIEWER_AUTH=jwt needs one of "
+            "FANOUT_TICKET_SECRET, FANOUT_TICKET_JWKS_URL or FANOUT_TICKET_JWKS_FILE"
+        )
+    if jwks_file is not None:
+        try:
+            load_jwks_file(jwks_file)
+        except (OSError, ValueError, PyJWTError) as error:
+            raise ConfigError(
+                f"FANOUT_TICKET_JWKS_FILE={str(jwks_file)!r} is not a usable JWKS: {type(error).__name__}"
+            ) from None
+    issuer = env.raw("FANOUT_TICKET_ISSUER")
+    audience = env.raw("FANOUT_TICKET_AUDIENCE")
+    return {
+        "viewer_auth": viewer_auth,
+        "ticket_secret": secret,
+        "ticket_jwks_url": jwks_url,
+        "ticket_jwks_file": jwks_file,
+        "ticket_issuer": issuer,
+        "ticket_audience": audience,
+        "ticket_leeway_seconds": env.int("FANOUT_TICKET_LEEWAY_SECONDS", 30, minimum=0, maximum=300),
+        "ticket_jwks_cache_seconds": env.float(
+            "FANOUT_TICKET_JWKS_CACHE_SECONDS", 300.0, minimum=1.0, maximum=86_400.0
+        ),
+        "ticket_jwks_min_refetch_seconds": env.float(
+            "FANOUT_TICKET_JWKS_MIN_REFETCH_SECONDS", 30.0, minimum=0.5, maximum=3600.0
+        ),
+    }

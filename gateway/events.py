@@ -18,7 +18,8 @@ import grpc
 from aiohttp import web
 
 from gateway import validation
-from gateway.appkeys import CLIENTS, PUBLISHER_AUTH, SETTINGS
+from gateway.admission import PUBLISHER
+from gateway.appkeys import ADMISSION, CLIENTS, SETTINGS
 from gateway.clients import GatewayClients
 from gateway.errors import calling
 from gateway.shapes import participant_token_json, state_name
@@ -109,9 +110,13 @@ class PublisherStream:
 async def publisher_events(request: web.Request) -> web.StreamResponse:
     """GET /api/rooms/{room}/publisher/events (publisher auth): server-sent events for the broadcaster."""
     settings, clients = request.app[SETTINGS], request.app[CLIENTS]
-    request.app[PUBLISHER_AUTH].require(request.headers.get("Authorization"))
+    ticket = await request.app[ADMISSION].publisher(request.headers.get("Authorization"))
     room = validation.parse_room(request.match_info["room"])
     user_id = validation.parse_user_id(request.query.get("userId", "broadcaster"))
+    if ticket is not None:
+        ticket.require(room=room, role=PUBLISHER)
+        ticket.check_user_id(request.query.get("userId"))
+        user_id = ticket.subject
     # Errors up to here are ordinary JSON errors; after prepare() the stream reports them itself.
     async with calling("stagemanager", "EnsureRoom"):
         await clients.stagemanager.EnsureRoom(

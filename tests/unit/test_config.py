@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gateway.config import GatewaySettings
@@ -134,3 +136,60 @@ def test_gateway_http_limits_default_for_production_and_read_overrides() -> None
     assert tuned.http_body_timeout_seconds == 3.0
     assert tuned.http_idle_seconds == 2.5
     assert tuned.http_max_connections == 50
+
+
+_TICKET_SECRET = "host-app-ticket-secret-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"FANOUT_VIEWER_AUTH": "tickets"}, "FANOUT_VIEWER_AUTH"),
+        ({"FANOUT_VIEWER_AUTH": "jwt"}, "FANOUT_VIEWER_AUTH"),
+        ({"FANOUT_TICKET_SECRET": "short"}, "FANOUT_TICKET_SECRET"),
+        ({"FANOUT_TICKET_JWKS_URL": "file:///etc/passwd"}, "FANOUT_TICKET_JWKS_URL"),
+        ({"FANOUT_TICKET_JWKS_FILE": "/nonexistent/jwks.json"}, "FANOUT_TICKET_JWKS_FILE"),
+        (
+            {"FANOUT_TICKET_SECRET": _TICKET_SECRET, "FANOUT_TICKET_JWKS_URL": "https://host.example/jwks"},
+            "FANOUT_TICKET_JWKS_URL",
+        ),
+        ({"FANOUT_TICKET_LEEWAY_SECONDS": "3600"}, "FANOUT_TICKET_LEEWAY_SECONDS"),
+        ({"FANOUT_TICKET_JWKS_MIN_REFETCH_SECONDS": "0"}, "FANOUT_TICKET_JWKS_MIN_REFETCH_SECONDS"),
+        ({"FANOUT_TICKET_JWKS_CACHE_SECONDS": "soon"}, "FANOUT_TICKET_JWKS_CACHE_SECONDS"),
+    ],
+)
+def test_gateway_rejects_bad_admission_settings_naming_the_variable(
+    environ: dict[str, str], variable: str
+) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        GatewaySettings.from_env(environ)
+
+
+def test_a_short_ticket_secret_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ConfigError) as raised:
+        GatewaySettings.from_env({"FANOUT_TICKET_SECRET": "tooshort-secret"})
+    assert "tooshort-secret" not in str(raised.value)
+
+
+def test_a_jwks_file_without_usable_keys_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_text('{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}]}')
+    with pytest.raises(ConfigError, match="FANOUT_TICKET_JWKS_FILE"):
+        GatewaySettings.from_env({"FANOUT_TICKET_JWKS_FILE": str(path)})
+
+
+def test_admission_is_open_by_default_and_jwt_mode_reads_its_key_source() -> None:
+    defaults = GatewaySettings.from_env({})
+    assert (defaults.viewer_auth, defaults.ticket_secret, defaults.ticket_jwks_url) == ("open", "", None)
+    settings = GatewaySettings.from_env(
+        {
+            "FANOUT_VIEWER_AUTH": "jwt",
+            "FANOUT_TICKET_SECRET": _TICKET_SECRET,
+            "FANOUT_TICKET_ISSUER": "https://host.example",
+            "FANOUT_TICKET_AUDIENCE": "fanout",
+        }
+    )
+    assert settings.viewer_auth == "jwt"
+    assert (settings.ticket_issuer, settings.ticket_audience) == ("https://host.example", "fanout")
+    assert settings.ticket_leeway_seconds == 30
+    assert _TICKET_SECRET not in repr(settings)

@@ -1,0 +1,315 @@
+"""Admission by the host app: verifies the tickets (JWTs) it signs and says who may view or publish where.
+
+A ticket is a JWT with these claims (DESIGN §7, "Admission by the host app"):
+
+- `room`: the room it admits to (a room id); `sub`: the subject, used as the userId;
+- `role`: `viewer` or `publisher`; `exp`: required, short (a minute or two is plenty);
+- `iss` / `aud`: checked when FANOUT_TICKET_ISSUER / FANOUT_TICKET_AUDIENCE are set.
+
+The accepted algorithm comes from the key, never from the ticket's header alone: HS256 for the shared
+secret; RS256 for RSA and ES256 for P-256 keys of a JWKS. `none` is never accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import jwt
+from jwt.exceptions import PyJWKClientConnectionError, PyJWKClientError, PyJWKSetError, PyJWTError
+
+from gateway.auth import PublisherAuth
+from gateway.errors import ApiError, InvalidArgument, Unauthorized
+from gateway.validation import parse_room, parse_user_id
+
+if TYPE_CHECKING:
+    from gateway.config import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+VIEWER = "viewer"
+PUBLISHER = "publisher"
+_ROLES = frozenset({VIEWER, PUBLISHER})
+_REQUIRED_CLAIMS = ["exp", "sub", "room", "role"]
+# The one place a key type decides its algorithm.
+_ALGORITHMS_BY_KEY_TYPE: Mapping[str, str] = {"RSA": "RS256", "EC": "ES256"}
+_HMAC_ALGORITHM = "HS256"
+_JWKS_FETCH_TIMEOUT_SECONDS = 5.0
+_TICKET_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="fanout", error="invalid_token"'}
+
+
+class InvalidTicket(ApiError):
+    """Bad signature, expired, malformed, unknown key, wrong algorithm or claims: one answer for all,
+    so the answer teaches a forger nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(401, "invalid_ticket", "The admission ticket is not valid.", _TICKET_CHALLENGE)
+
+
+class TicketRequired(ApiError):
+    def __init__(self) -> None:
+        super().__init__(
+            401,
+            "ticket_required",
+            "This endpoint needs an admission ticket: 'Authorization: Bearer <ticket>'.",
+            {"WWW-Authenticate": 'Bearer realm="fanout"'},
+        )
+
+
+class TicketMismatch(ApiError):
+    """A valid ticket that does not cover this request: another room, role or subject."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(403, f"ticket_{what}_mismatch", f"The admission ticket is not for this {what}.")
+
+
+class TicketKeysUnavailable(ApiError):
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "ticket_keys_unavailable",
+            "The keys that verify admission tickets cannot be fetched; try again shortly.",
+            {"Retry-After": "5"},
+        )
+
+
+@dataclass(frozen=True)
+class Ticket:
+    room: str
+    subject: str
+    role: str
+
+    def require(self, *, room: str, role: str) -> None:
+        """Raises TicketMismatch (403) unless this ticket admits `role` to `room`."""
+        if self.role != role:
+            raise TicketMismatch("role")
+        if self.room != room:
+            raise TicketMismatch("room")
+
+    def admit_body(self, body: dict[str, Any], role: str) -> dict[str, Any]:
+        """The request body with the ticket's room and subject; a different room or userId is refused
+        rather than silently replaced, so a client bug shows up instead of acting for someone else."""
+        self.require(room=body.get("room", self.room), role=role)
+        self.check_user_id(body.get("userId"))
+        return {**body, "room": self.room, "userId": self.subject}
+
+    def check_user_id(self, given: object) -> None:
+        if given is not None and given != self.subject:
+            raise TicketMismatch("subject")
+
+
+class _KeySource(Protocol):
+    async def key_for(self, header: Mapping[str, Any]) -> tuple[Any, list[str]]:
+        """The verification key and its one accepted algorithm; InvalidTicket for an unknown key."""
+
+
+class SecretKey:
+    def __init__(self, secret: str) -> None:
+        self._secret = secret.encode()
+
+    async def key_for(self, header: Mapping[str, Any]) -> tuple[Any, list[str]]:
+        return self._secret, [_HMAC_ALGORITHM]
+
+
+def _usable(key: jwt.PyJWK) -> tuple[Any, list[str]] | None:
+    algorithm = _ALGORITHMS_BY_KEY_TYPE.get(key.key_type or "")
+    # A JWK's own "alg" (or an EC curve other than P-256) must agree with the key type's algorithm.
+    if algorithm is None or key.algorithm_name != algorithm:
+        return None
+    return key.key, [algorithm]
+
+
+def _kid(header: Mapping[str, Any]) -> str:
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise InvalidTicket()
+    return kid
+
+
+class JwksFileKeys:
+    """A JWKS read once at start; rotate by publishing through FANOUT_TICKET_JWKS_URL instead."""
+
+    def __init__(self, path: Path) -> None:
+        self._keys = {key.key_id: key for key in load_jwks_file(path) if key.key_id}
+
+    async def key_for(self, header: Mapping[str, Any]) -> tuple[Any, list[str]]:
+        key = self._keys.get(_kid(header))
+        usable = _usable(key) if key is not None else None
+        if usable is None:
+            raise InvalidTicket()
+        return usable
+
+
+def load_jwks_file(path: Path) -> list[jwt.PyJWK]:
+    """The signing keys of a JWKS file; raises ValueError (or OSError) when it has none usable."""
+    keys = jwt.PyJWKSet.from_json(path.read_text(encoding="utf-8")).keys
+    usable = [key for key in keys if key.key_id and key.public_key_use in ("sig", None) and _usable(key)]
+    if not usable:
+        raise ValueError("no RSA (RS256) or P-256 (ES256) signing key with a kid")
+    return usable
+
+
+class JwksUrlKeys:
+    """The host app's JWKS endpoint through PyJWKClient: the set is cached for `cache_seconds`, an
+    unknown kid refetches it (so a newly published key works without a restart), but at most once per
+    `min_refetch_seconds`, and a failing endpoint is not retried sooner either."""
+
+    def __init__(self, url: str, *, cache_seconds: float, min_refetch_seconds: float) -> None:
+        self._client = jwt.PyJWKClient(
+            url,
+            cache_jwk_set=True,
+            lifespan=cache_seconds,
+            cooldown_duration=min_refetch_seconds,
+            timeout=_JWKS_FETCH_TIMEOUT_SECONDS,
+        )
+        self._min_refetch_seconds = min_refetch_seconds
+        self._failed_at: float | None = None
+
+    async def key_for(self, header: Mapping[str, Any]) -> tuple[Any, list[str]]:
+        kid = _kid(header)
+        if self._failed_at is not None and time.monotonic() - self._failed_at < self._min_refetch_seconds:
+            raise TicketKeysUnavailable()
+        # urllib underneath blocks; PyJWKClient's lock makes concurrent callers share one fetch.
+        outcome = await asyncio.to_thread(self._lookup, kid)
+        if outcome is _UNAVAILABLE:
+            self._failed_at = time.monotonic()
+            raise TicketKeysUnavailable()
+        self._failed_at = None
+        usable = _usable(outcome) if isinstance(outcome, jwt.PyJWK) else None
+        if usable is None:
+            raise InvalidTicket()
+        return usable
+
+    def _lookup(self, kid: str) -> jwt.PyJWK | object | None:
+        try:
+            self._client.get_signing_keys()  # the cached set, fetched when empty or stale
+        except (PyJWKClientError, PyJWKSetError, ValueError) as error:
+            log.warning("cannot fetch the ticket JWKS: %s", type(error).__name__)
+            return _UNAVAILABLE
+        try:
+            return self._client.get_signing_key(kid)
+        except PyJWKClientConnectionError as error:
+            log.warning("cannot refetch the ticket JWKS: %s", type(error).__name__)
+            return _UNAVAILABLE
+        except (PyJWKClientError, PyJWKSetError, ValueError):
+            return None  # no such kid, even after a refetch
+
+
+_UNAVAILABLE = object()
+
+
+class TicketVerifier:
+    """Verifies a ticket with PyJWT against one key source; answers a Ticket or raises InvalidTicket."""
+
+    def __init__(
+        self, keys: _KeySource, *, leeway_seconds: float, issuer: str | None, audience: str | None
+    ) -> None:
+        self._keys = keys
+        self._leeway = leeway_seconds
+        self._issuer = issuer
+        self._audience = audience
+
+    async def verify(self, ticket: str) -> Ticket:
+        try:
+            header = jwt.get_unverified_header(ticket)
+        except PyJWTError:
+            raise InvalidTicket() from None
+        key, algorithms = await self._keys.key_for(header)
+        try:
+            claims = jwt.decode(
+                ticket,
+                key,
+                algorithms=algorithms,
+                options={"require": _REQUIRED_CLAIMS},
+                leeway=self._leeway,
+                issuer=self._issuer,
+                audience=self._audience,
+            )
+        except PyJWTError as error:
+            # The reason's category only: the error text may quote the ticket.
+            log.info("refused an admission ticket: %s", type(error).__name__)
+            raise InvalidTicket() from None
+        return _ticket_from(claims)
+
+
+def _ticket_from(claims: Mapping[str, Any]) -> Ticket:
+    role = claims["role"]
+    try:
+        room = parse_room(claims["room"])
+        subject = parse_user_id(claims["sub"])
+    except InvalidArgument:
+        room = subject = ""
+    if not room or not subject or role not in _ROLES:
+        log.info("refused an admission ticket: claims out of range")
+        raise InvalidTicket()
+    return Ticket(room=room, subject=subject, role=role)
+
+
+def build_ticket_verifier(settings: GatewaySettings) -> TicketVerifier | None:
+    """The verifier for the configured key source, or None when tickets are not configured."""
+    keys: _KeySource
+    if settings.ticket_secret:
+        keys = SecretKey(settings.ticket_secret)
+    elif settings.ticket_jwks_url:
+        keys = JwksUrlKeys(
+            settings.ticket_jwks_url,
+            cache_seconds=settings.ticket_jwks_cache_seconds,
+            min_refetch_seconds=settings.ticket_jwks_min_refetch_seconds,
+        )
+    elif settings.ticket_jwks_file is not None:
+        keys = JwksFileKeys(settings.ticket_jwks_file)
+    else:
+        return None
+    return TicketVerifier(
+        keys,
+        leeway_seconds=settings.ticket_leeway_seconds,
+        issuer=settings.ticket_issuer,
+        audience=settings.ticket_audience,
+    )
+
+
+def _bearer(authorization_header: str | None) -> str | None:
+    if not authorization_header:
+        return None
+    scheme, _, presented = authorization_header.strip().partition(" ")
+    presented = presented.strip()
+    if scheme.lower() != "bearer" or not presented:
+        return None
+    return presented
+
+
+class Admission:
+    """Who may ask for viewer tokens and act as a publisher: static publisher keys, and tickets when a
+    verifier is configured (required of viewers only in FANOUT_VIEWER_AUTH=jwt)."""
+
+    def __init__(
+        self, publisher_auth: PublisherAuth, verifier: TicketVerifier | None, *, viewer_tickets: bool
+    ) -> None:
+        self._publisher_auth = publisher_auth
+        self._verifier = verifier
+        self._viewer_tickets = viewer_tickets
+
+    async def viewer(self, authorization_header: str | None) -> Ticket | None:
+        """None in open mode; otherwise the verified ticket (which the caller checks is a viewer's)."""
+        if not self._viewer_tickets or self._verifier is None:
+            return None
+        presented = _bearer(authorization_header)
+        if presented is None:
+            raise TicketRequired()
+        return await self._verifier.verify(presented)
+
+    async def publisher(self, authorization_header: str | None) -> Ticket | None:
+        """None for a static publisher key, the verified ticket for a ticket; raises otherwise."""
+        presented = _bearer(authorization_header)
+        if presented is None:
+            raise Unauthorized("This endpoint needs the publisher key: 'Authorization: Bearer <key>'.")
+        if self._publisher_auth.is_valid(presented):
+            return None
+        if self._verifier is not None and presented.count(".") == 2:
+            return await self._verifier.verify(presented)
+        raise Unauthorized("The publisher key is not valid.")
