@@ -14,13 +14,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.ports import free_port
+
 STARTUP_SECONDS = 20.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _answers_ping(port: int) -> bool:
@@ -41,7 +37,7 @@ class RedisServer:
             raise RuntimeError("redis-server is missing: `make system-deps` installs Debian's redis-server")
         self._binary = binary
         self.folder = folder
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from services.stagemanager.server import StageManagerService, start_stage_manage
 from tests.integration.fault_proxy import FaultProxy
 from tests.integration.ivslocal_fixtures import IvsLocalServer, running_ivslocal
 from tests.integration.waiting import eventually
+from tests.ports import free_port
 
 PUBLISHER_KEY = "test-publisher-key-0123456789"
 
@@ -66,12 +66,6 @@ class System:
 
     def publisher_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.publisher_key}"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def service_env(ivs_url: str, state_dir: Path, overrides: Mapping[str, str]) -> dict[str, str]:

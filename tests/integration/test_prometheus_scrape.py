@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -17,16 +16,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from tests.integration.audience import place_viewers
 from tests.integration.system import System, running_system
+from tests.ports import free_port
 from tests.prometheus_binaries import require_binary
 
 VIEWERS = 7
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "components" / "monitoring"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextlib.contextmanager
