@@ -154,6 +154,9 @@ def load_jwks_file(path: Path) -> list[jwt.PyJWK]:
     return usable
 
 
+_UNAVAILABLE = object()
+
+
 class JwksUrlKeys:
     """The host app's JWKS endpoint through PyJWKClient: the set is cached for `cache_seconds`, an
     unknown kid refetches it (so a newly published key works without a restart), but at most once per
@@ -174,13 +177,24 @@ class JwksUrlKeys:
         kid = _kid(header)
         if self._failed_at is not None and time.monotonic() - self._failed_at < self._min_refetch_seconds:
             raise TicketKeysUnavailable()
+        cached = self._client.jwk_set_cache.get() if self._client.jwk_set_cache is not None else None
+        known = next((key for key in cached.keys if key.key_id == kid), None) if cached is not None else None
+        if known is not None:
+            # The usual case, answered without leaving the event loop.
+            return self._usable_or_refuse(known)
         # urllib underneath blocks; PyJWKClient's lock makes concurrent callers share one fetch.
         outcome = await asyncio.to_thread(self._lookup, kid)
         if outcome is _UNAVAILABLE:
             self._failed_at = time.monotonic()
             raise TicketKeysUnavailable()
         self._failed_at = None
-        usable = _usable(outcome) if isinstance(outcome, jwt.PyJWK) else None
+        if not isinstance(outcome, jwt.PyJWK):
+            raise InvalidTicket()
+        return self._usable_or_refuse(outcome)
+
+    @staticmethod
+    def _usable_or_refuse(key: jwt.PyJWK) -> tuple[Any, list[str]]:
+        usable = _usable(key) if key.public_key_use in ("sig", None) else None
         if usable is None:
             raise InvalidTicket()
         return usable
@@ -198,9 +212,6 @@ class JwksUrlKeys:
             return _UNAVAILABLE
         except (PyJWKClientError, PyJWKSetError, ValueError):
             return None  # no such kid, even after a refetch
-
-
-_UNAVAILABLE = object()
 
 
 class TicketVerifier:
@@ -232,7 +243,7 @@ class TicketVerifier:
             )
         except PyJWTError as error:
             # The reason's category only: the error text may quote the ticket.
-            log.info("refused an admission ticket: %s", type(error).__name__)
+            log.debug("refused an admission ticket: %s", type(error).__name__)
             raise InvalidTicket() from None
         return _ticket_from(claims)
 
@@ -244,8 +255,8 @@ def _ticket_from(claims: Mapping[str, Any]) -> Ticket:
         subject = parse_user_id(claims["sub"])
     except InvalidArgument:
         room = subject = ""
-    if not room or not subject or role not in _ROLES:
-        log.info("refused an admission ticket: claims out of range")
+    if not room or not subject or not isinstance(role, str) or role not in _ROLES:
+        log.debug("refused an admission ticket: claims out of range")
         raise InvalidTicket()
     return Ticket(room=room, subject=subject, role=role)
 
