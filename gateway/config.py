@@ -29,7 +29,7 @@ class GatewaySettings:
     allocator_addr: str = "127.0.0.1:50062"
     stagemanager_addr: str = "127.0.0.1:50061"
     # Several keys so one can be rotated out while the other still works.
-    publisher_keys: tuple[str, ...] = ()
+    publisher_keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: never in a repr
     mode: str = "local"
     state_dir: Path = Path(".fanout")
     default_room: str = "main"

@@ -193,3 +193,10 @@ def test_admission_is_open_by_default_and_jwt_mode_reads_its_key_source() -> Non
     assert (settings.ticket_issuer, settings.ticket_audience) == ("https://host.example", "fanout")
     assert settings.ticket_leeway_seconds == 30
     assert _TICKET_SECRET not in repr(settings)
+
+
+def test_publisher_keys_never_show_in_the_settings_repr() -> None:
+    key = "publisher-key-0123456789abcdef"
+    settings = GatewaySettings.from_env({"FANOUT_PUBLISHER_KEYS": key})
+    assert settings.publisher_keys == (key,)
+    assert key not in repr(settings)
