@@ -180,6 +180,12 @@ async def get_room(request: web.Request) -> web.Response:
             "stages": stages,
             "publishing": room_result.room.publishing,
             "lastError": room_result.room.last_error or None,
+            # The limits every room shares: how close the region is to turning viewers away.
+            "capacity": {
+                "regionSubscriptions": occupancy_result.region.subscriptions,
+                "regionSubscriptionQuota": occupancy_result.region.subscription_quota,
+                "stageHardLimit": occupancy_result.region.stage_hard_limit,
+            },
         }
     )
 

@@ -67,6 +67,8 @@ class RoomOccupancy:
 class Occupancy:
     stages: list[StageOccupancy]
     rooms: list[RoomOccupancy]
+    # Viewers in every room together, as the regional subscription quota counts them.
+    region_subscriptions: int
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,10 @@ class Allocator:
         self._metrics = metrics
         self._clock = clock
         self._observed = ObservedViewers(settings.observation_ttl_seconds)
+
+    @property
+    def settings(self) -> PlacementSettings:
+        return self._settings
 
     def _require_room(self, room: str) -> None:
         check_room_id(room)
@@ -240,7 +246,7 @@ class Allocator:
             RoomOccupancy(room_id, sum(counts.get(room_id, {}).values()), joins.get(room_id, 0))
             for room_id in rooms
         ]
-        return Occupancy(stages, summaries)
+        return Occupancy(stages, summaries, await self._store.region_leases(now))
 
     def record_observations(self, observations: list[StageViewersObservation]) -> None:
         for observation in observations:
@@ -263,7 +269,7 @@ class Allocator:
             ((s.room, s.stage_arn, s.leased, s.observed, s.viewers) for s in occupancy.stages),
             {r.room: r.viewers for r in occupancy.rooms},
         )
-        self._metrics.region_subscriptions.set(await self._store.region_leases(self._clock()))
+        self._metrics.region_subscriptions.set(occupancy.region_subscriptions)
         self._metrics.region_subscription_quota.set(self._settings.region_subscription_quota)
 
     async def stages_removed(self, stages: list[StageView]) -> None:

@@ -85,6 +85,11 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
                 )
                 for s in occupancy.stages
             ],
+            region=allocator_pb2.RegionOccupancy(
+                subscriptions=occupancy.region_subscriptions,
+                subscription_quota=self._allocator.settings.region_subscription_quota,
+                stage_hard_limit=self._allocator.settings.hard_limit,
+            ),
         )
 
     async def ReportObservedViewers(

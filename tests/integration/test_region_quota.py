@@ -13,7 +13,7 @@ import pytest
 
 from protos.fanout.v1 import allocator_pb2, allocator_pb2_grpc
 from tests.integration.system import System, running_system, start_allocator_for, wait_until_serving
-from tests.integration.test_viewers import start_show
+from tests.integration.test_viewers import room_info, start_show
 from tests.integration.waiting import eventually
 from tests.redis_server import RedisServer
 
@@ -81,6 +81,7 @@ async def test_two_rooms_never_place_more_than_the_region_quota_together(
                 what="the regional headroom on the allocator's metrics",
             )
             quota_gauge = registry.get_sample_value("fanout_region_subscription_quota")
+            info = await room_info(http, system, room="two")
         finally:
             if second is not None:
                 await second.stop(0)
@@ -89,3 +90,8 @@ async def test_two_rooms_never_place_more_than_the_region_quota_together(
     assert {room.room for room in occupancy.rooms if room.viewers} == {"one", "two"}
     assert again == "placed"
     assert quota_gauge == QUOTA
+    assert info["capacity"] == {
+        "regionSubscriptions": QUOTA,
+        "regionSubscriptionQuota": QUOTA,
+        "stageHardLimit": 10_000,
+    }

@@ -322,24 +322,58 @@ class RoomOccupancy(_message.Message):
 Global___RoomOccupancy: _TypeAlias = RoomOccupancy  # noqa: Y015
 
 @_typing.final
+class RegionOccupancy(_message.Message):
+    """The limits every room shares (ivs-facts §3)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTIONS_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_QUOTA_FIELD_NUMBER: _builtins.int
+    STAGE_HARD_LIMIT_FIELD_NUMBER: _builtins.int
+    subscriptions: _builtins.int
+    """Viewers in every room together, as the regional concurrent-subscription quota counts them."""
+    subscription_quota: _builtins.int
+    """FANOUT_REGION_SUBSCRIPTION_QUOTA: no new viewer is placed past it."""
+    stage_hard_limit: _builtins.int
+    """FANOUT_STAGE_HARD_LIMIT: no Stage takes more viewers."""
+    def __init__(
+        self,
+        *,
+        subscriptions: _builtins.int = ...,
+        subscription_quota: _builtins.int = ...,
+        stage_hard_limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stage_hard_limit", b"stage_hard_limit", "subscription_quota", b"subscription_quota", "subscriptions", b"subscriptions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegionOccupancy: _TypeAlias = RegionOccupancy  # noqa: Y015
+
+@_typing.final
 class GetOccupancyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STAGES_FIELD_NUMBER: _builtins.int
     ROOMS_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageOccupancy]: ...
     @_builtins.property
     def rooms(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoomOccupancy]: ...
+    @_builtins.property
+    def region(self) -> Global___RegionOccupancy: ...
     def __init__(
         self,
         *,
         stages: _abc.Iterable[Global___StageOccupancy] | None = ...,
         rooms: _abc.Iterable[Global___RoomOccupancy] | None = ...,
+        region: Global___RegionOccupancy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["region", b"region"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rooms", b"rooms", "stages", b"stages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region", "rooms", b"rooms", "stages", b"stages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
