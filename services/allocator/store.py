@@ -158,9 +158,9 @@ class MemoryLeaseStore:
             return Assignment(renewed, sticky=True)
         # A new viewer is one more subscription in the region; one moving Stages is not. Only at the
         # quota are the other rooms' expired leases swept out, so the usual join stays O(candidates).
-        if current is None and region_quota and self._region_leases >= region_quota:
-            if await self.region_leases(now) >= region_quota:
-                return None
+        at_quota = current is None and region_quota and self._region_leases >= region_quota
+        if at_quota and await self.region_leases(now) >= region_quota:
+            return None
 
         leased = {c.stage_arn: len(state.viewers.get(c.stage_arn, ())) for c in candidates}
         if current is not None and current.stage_arn in leased:
