@@ -1,4 +1,4 @@
-"""Turns `Participant Published/Unpublished` events from SQS into an immediate publisher check."""
+"""Turns publish and replication events from SQS into an immediate publisher check of their Stages."""
 
 from __future__ import annotations
 
@@ -82,6 +82,8 @@ class EventConsumer:
         outcome = self._gate.admit(event)
         if outcome != "handled":
             return event.label, outcome
-        if not self._checks.request_publisher_check(event.stage_arn):
-            return event.label, "ignored"  # not one of this cluster's Stages
+        # A replication changes who publishes on its destination, which may be the only Stage we watch.
+        requested = [self._checks.request_publisher_check(arn) for arn in event.stage_arns]
+        if not any(requested):
+            return event.label, "ignored"  # none of this cluster's Stages
         return event.label, "handled"

@@ -264,7 +264,12 @@ def sqs_queue() -> Any:
 
 
 def stage_event(
-    stage_arn: str, name: str, participant_id: str, when: datetime, event_id: str | None = None
+    stage_arn: str,
+    name: str,
+    participant_id: str,
+    when: datetime,
+    event_id: str | None = None,
+    **detail: str,
 ) -> str:
     return json.dumps(
         {
@@ -282,6 +287,7 @@ def stage_event(
                 "event_time": when.isoformat(),
                 "participant_id": participant_id,
                 "user_id": "",
+                **detail,
             },
         }
     )
@@ -382,4 +388,115 @@ async def test_publish_events_from_sqs_refresh_the_stage_at_once(tmp_path: Path,
                 }
 
             await eventually(queue_empty, what="every message deleted, the malformed one included")
+            assert (monitor.metric("fanout_monitor_cycle_seconds_count") or 0) == 1
+
+
+async def test_replication_events_from_sqs_check_the_destination_stage_at_once(
+    tmp_path: Path, sqs_queue: Any
+) -> None:
+    endpoint, url, sqs = sqs_queue
+
+    async def send(body: str) -> None:
+        await asyncio.to_thread(sqs.send_message, QueueUrl=url, MessageBody=body)
+
+    async with (
+        running_system(tmp_path, FANOUT_MIN_STAGES="2", FANOUT_PUBLISHER_GRACE_SECONDS="1") as system,
+        aiohttp.ClientSession() as http,
+    ):
+        token, other = await start_show(http, system)
+        source, destination = token["stageArn"], other["stageArn"]
+        publisher = system.ivs.state.connect_participant(token["token"])
+        system.ivs.state.set_published(source, publisher.participant_id, True)
+        destination_id = destination.rsplit("/", 1)[1]
+
+        # Polling only once a minute: whatever happens within the test comes through the events.
+        async with running_monitor(
+            system,
+            FANOUT_MONITOR_INTERVAL_SECONDS="60",
+            FANOUT_MONITOR_SQS_QUEUE_URL=url,
+            FANOUT_MONITOR_SQS_ENDPOINT=endpoint,
+            FANOUT_MONITOR_SQS_WAIT_SECONDS="1",
+        ) as monitor:
+
+            def events(event: str, outcome: str) -> float:
+                return monitor.metric("fanout_monitor_events_total", event=event, outcome=outcome) or 0
+
+            def destination_publishers() -> float | None:
+                return monitor.metric(
+                    "fanout_monitor_observed_participants",
+                    room="main",
+                    stage=destination_id,
+                    role="publisher",
+                )
+
+            await eventually(lambda: _states_are(system, [LIVE, STANDBY]), what="the first pass")
+            assert destination_publishers() == 0
+
+            # IVS copies the publisher into the other Stage; the event names the source in resources.
+            system.ivs.state.start_participant_replication(source, destination, publisher.participant_id)
+            started_at = datetime.now(UTC)
+            await send(
+                stage_event(
+                    source,
+                    "Participant Replication Started",
+                    publisher.participant_id,
+                    started_at,
+                    destination_stage_arn=destination,
+                )
+            )
+            await eventually(
+                lambda: _states_are(system, [LIVE, LIVE]), what="the replica seen at once", within=5
+            )
+            assert destination_publishers() == 1
+
+            # Past the stage manager's grace, the replication stops: the replica leaves the destination.
+            await asyncio.sleep(1.1)
+            system.ivs.state.stop_participant_replication(source, destination, publisher.participant_id)
+            stopped = stage_event(
+                source,
+                "Participant Replication Stopped",
+                publisher.participant_id,
+                datetime.now(UTC),
+                "replication-stopped-1",
+                source_stage_arn=source,
+                destination_stage_arn=destination,
+            )
+            await send(stopped)
+            await eventually(
+                lambda: _states_are(system, [LIVE, STANDBY]),
+                what="the destination back to STANDBY through the event path",
+                within=5,
+            )
+            assert destination_publishers() == 0
+            assert events("participant_replication_started", "handled") == 1
+            assert events("participant_replication_stopped", "handled") == 1
+
+            await send(stopped)  # delivered twice
+            await send(  # overtaken by the Stopped of the same replication
+                stage_event(
+                    source,
+                    "Participant Replication Started",
+                    publisher.participant_id,
+                    started_at - timedelta(seconds=3),
+                    destination_stage_arn=destination,
+                )
+            )
+            malformed = json.loads(stopped)
+            malformed["id"] = "replication-stopped-2"
+            malformed["detail"]["event_time"] = "yesterday"
+            await send(json.dumps(malformed))
+            await eventually(
+                lambda: (
+                    (
+                        events("participant_replication_stopped", "duplicate"),
+                        events("participant_replication_started", "stale"),
+                        events("unknown", "malformed"),
+                    )
+                    == (1, 1, 1)
+                ),
+                what="every message judged",
+            )
+            assert events("participant_replication_stopped", "handled") == 1
+            assert events("participant_replication_started", "handled") == 1
+            assert await stage_states(system) == [LIVE, STANDBY]
             assert (monitor.metric("fanout_monitor_cycle_seconds_count") or 0) == 1
