@@ -16,7 +16,7 @@ from gateway import validation
 from gateway.admission import PUBLISHER, VIEWER
 from gateway.appkeys import ADMISSION, CLIENTS, METRICS, SETTINGS
 from gateway.errors import BodyTimeout, MalformedBody, UpstreamError, calling
-from gateway.shapes import participant_token_json, state_name
+from gateway.shapes import participant_token_json, stage_json, state_name
 from protos.fanout.v1 import allocator_pb2, stagemanager_pb2
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,10 @@ async def publisher_status(request: web.Request) -> web.Response:
     async with calling("stagemanager", "ReportPublisherStatus"):
         await clients.stagemanager.ReportPublisherStatus(
             stagemanager_pb2.ReportPublisherStatusRequest(
-                room=parsed.room, stage_arn=parsed.stage_arn, publishing=parsed.publishing
+                room=parsed.room,
+                stage_arn=parsed.stage_arn,
+                publishing=parsed.publishing,
+                participant_id=parsed.participant_id,
             ),
             timeout=settings.rpc_timeout_seconds,
         )
@@ -162,26 +165,27 @@ async def get_room(request: web.Request) -> web.Response:
     if isinstance(occupancy_result, BaseException):
         raise occupancy_result
     occupancy = {entry.stage_arn: entry for entry in occupancy_result.stages if entry.room in ("", room)}
-    stages = []
-    for stage in sorted(room_result.room.stages, key=lambda stage: stage.index):
-        entry = occupancy.get(stage.arn) if stage.arn else None
-        stages.append(
-            {
-                "stageArn": stage.arn or None,
-                "state": state_name(stage.state),
-                "viewers": entry.viewers if entry else 0,
-                "capacity": entry.capacity if entry else 0,
-            }
-        )
+    ceiling = next((r.ceiling for r in occupancy_result.rooms if r.room == room), None)
+    stages = [
+        stage_json(stage, occupancy.get(stage.arn) if stage.arn else None)
+        for stage in sorted(room_result.room.stages, key=lambda stage: stage.index)
+    ]
     return web.json_response(
         {
             "room": room_result.room.room or room,
             "viewers": sum(entry.viewers for entry in occupancy.values()),
             "stages": stages,
+            "origins": sum(1 for stage in stages if stage["role"] == "origin"),
+            "replicas": sum(1 for stage in stages if stage["role"] == "replica"),
             "publishing": room_result.room.publishing,
             "lastError": room_result.room.last_error or None,
-            # The limits every room shares: how close the region is to turning viewers away.
+            # The capacity plan: this room's ceiling and the limit that sets it, and the limits every
+            # room shares (how close the region is to turning viewers away).
             "capacity": {
+                "ceiling": ceiling.viewers if ceiling else None,
+                "ceilingStages": ceiling.stages if ceiling else None,
+                "bindingLimit": ceiling.binding_limit if ceiling else None,
+                "bindingLimitDescription": ceiling.description if ceiling else None,
                 "regionSubscriptions": occupancy_result.region.subscriptions,
                 "regionSubscriptionQuota": occupancy_result.region.subscription_quota,
                 "stageHardLimit": occupancy_result.region.stage_hard_limit,

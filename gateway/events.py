@@ -27,8 +27,8 @@ from protos.fanout.v1 import allocator_pb2, common_pb2, stagemanager_pb2
 
 log = logging.getLogger(__name__)
 
-# Stages a broadcaster publishes to: everything that exists in IVS, DRAINING included (its viewers
-# still watch until they leave).
+# Stages a broadcaster publishes to: every origin that exists in IVS, DRAINING included (its viewers
+# still watch until they leave). Replicas are IVS's business (server-side replication).
 _PUBLISHED_STATES = frozenset(
     {common_pb2.STAGE_STATE_STANDBY, common_pb2.STAGE_STATE_LIVE, common_pb2.STAGE_STATE_DRAINING}
 )
@@ -87,7 +87,12 @@ class PublisherStream:
             return [_event("snapshot", {"room": self._room, "tokens": tokens})]
         if kind in ("stage_added", "stage_changed"):
             stage = getattr(event, kind)
-            if stage.arn and stage.state in _PUBLISHED_STATES and stage.arn not in self._announced:
+            if (
+                stage.arn
+                and stage.state in _PUBLISHED_STATES
+                and stage.role != common_pb2.STAGE_ROLE_REPLICA
+                and stage.arn not in self._announced
+            ):
                 try:
                     tokens = await self._tokens(event.revision, [stage.arn])
                 except grpc.aio.AioRpcError as error:

@@ -32,3 +32,29 @@ def state_name(state: int) -> str:
         # A state added to the proto after this gateway was built.
         return "UNKNOWN"
     return name.removeprefix(_STATE_PREFIX)
+
+
+_ROLES = {common_pb2.STAGE_ROLE_ORIGIN: "origin", common_pb2.STAGE_ROLE_REPLICA: "replica"}
+_REPLICATION_PREFIX = "REPLICATION_STATE_"
+
+
+def stage_json(stage: common_pb2.Stage, occupancy: Any | None) -> dict[str, Any]:
+    """One Stage of `GET /api/rooms/{room}`: its place in the topology, its feed, its audience."""
+    role = _ROLES.get(stage.role, "origin")
+    shape: dict[str, Any] = {
+        "stageArn": stage.arn or None,
+        "index": stage.index,
+        "role": role,
+        "state": state_name(stage.state),
+        "viewers": occupancy.viewers if occupancy is not None else 0,
+        "capacity": occupancy.capacity if occupancy is not None else 0,
+    }
+    if role == "replica":
+        try:
+            replication = common_pb2.ReplicationState.Name(stage.replication)
+        except ValueError:
+            replication = "UNKNOWN"
+        shape["originIndex"] = stage.origin_index
+        shape["replication"] = replication.removeprefix(_REPLICATION_PREFIX)
+        shape["replicationError"] = stage.replication_error or None
+    return shape

@@ -9,7 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import InvalidArgument, InvalidJson, UnsupportedMediaType
-from services.common.ids import MAX_STAGE_ARN_LENGTH, MAX_USER_ID_LENGTH, ROOM_ID_PATTERN, STAGE_ARN_PATTERN
+from services.common.ids import (
+    MAX_STAGE_ARN_LENGTH,
+    MAX_USER_ID_LENGTH,
+    PARTICIPANT_ID_PATTERN,
+    ROOM_ID_PATTERN,
+    STAGE_ARN_PATTERN,
+)
 
 # Cc: C0/C1 controls. Cs: lone surrogates, which JSON allows ("\ud800") but UTF-8/protobuf cannot carry.
 _FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs"})
@@ -40,6 +46,8 @@ class PublisherStatusRequest:
     room: str
     stage_arn: str
     publishing: bool
+    # The page's participant id on that Stage (optional): what the stage manager replicates.
+    participant_id: str = ""
 
 
 def media_type(content_type_header: str | None) -> str:
@@ -127,8 +135,16 @@ def parse_publisher_status(room: str, data: dict[str, Any]) -> PublisherStatusRe
     if not isinstance(publishing, bool):
         # A string "false" is truthy in too many languages to guess; insist on a JSON boolean.
         raise InvalidArgument("'publishing' must be true or false.")
+    participant_id = _optional(data, "participantId", "")
+    if not isinstance(participant_id, str) or (
+        participant_id and not PARTICIPANT_ID_PATTERN.fullmatch(participant_id)
+    ):
+        raise InvalidArgument("'participantId' must be 1-64 characters of a-z, A-Z, 0-9, '-' and '_'.")
     return PublisherStatusRequest(
-        room=parse_room(room), stage_arn=parse_stage_arn(_required(data, "stageArn")), publishing=publishing
+        room=parse_room(room),
+        stage_arn=parse_stage_arn(_required(data, "stageArn")),
+        publishing=publishing,
+        participant_id=participant_id,
     )
 
 

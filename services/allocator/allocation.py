@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
-from services.allocator.inventory import KEEPS_VIEWERS, StageInventory, StageView
+from services.allocator.inventory import KEEPS_VIEWERS, REPLICA_ROLE, StageInventory, StageView
 from services.allocator.metrics import AllocatorMetrics
 from services.allocator.observations import ObservedViewers
 from services.allocator.placement import Candidate
 from services.allocator.store import LeaseStore
 from services.allocator.tokens import IssuedToken, StageEndpoints, TokenMinter
+from services.common.capacity import CapacityLimits, Ceiling, room_ceiling
 from services.common.errors import NoCapacity, NotFound, Unavailable
 from services.common.ids import check_room_id, check_stage_arn, check_user_id
 
@@ -22,19 +23,30 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PlacementSettings:
-    soft_capacity: int = 50
-    hard_limit: int = 10_000
+    # The capacity plan (DESIGN.md §5): per-Stage limits, the topology and the region's quotas.
+    limits: CapacityLimits = field(default_factory=CapacityLimits)
     lease_seconds: int = 60
     viewer_token_seconds: int = 12 * 3600
     publisher_token_seconds: int = 12 * 3600
     # How long IssuePublisherTokens waits for the WatchRoom stream to catch up with a revision.
     revision_wait_seconds: float = 5.0
     no_capacity_retry_after: int = 5
-    # Concurrent subscriptions of the whole region, every room together (ivs-facts §3: 20,000 by
-    # default, adjustable): one per viewer, since each subscribes to the one broadcaster.
-    region_subscription_quota: int = 20_000
     # How long a monitor observation of a Stage's viewers stays good for placement decisions.
     observation_ttl_seconds: float = 30.0
+
+    @property
+    def soft_capacity(self) -> int:
+        return self.limits.soft_capacity
+
+    @property
+    def hard_limit(self) -> int:
+        return self.limits.stage_hard_limit
+
+    @property
+    def region_subscription_quota(self) -> int:
+        """Concurrent subscriptions of the whole region, every room together (ivs-facts §3): one per
+        viewer, since each subscribes to the one broadcaster."""
+        return self.limits.region_subscription_quota
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,7 @@ class RoomOccupancy:
     room: str
     viewers: int
     joins_total: int
+    ceiling: Ceiling
 
 
 @dataclass(frozen=True)
@@ -159,20 +172,38 @@ class Allocator:
         return ViewerPlacement(room, user_id, token, settings.lease_seconds, assignment.sticky)
 
     async def _refuse(self, room: str, now: float) -> NoReturn:
-        """Says which limit turned the viewer away: the region's subscription quota, or the room's Stages."""
+        """Says which limit turned the viewer away (capacity_exhausted, naming it), or that the room's
+        next Stages are still coming (no_capacity)."""
         settings = self._settings
-        quota = settings.region_subscription_quota
-        if await self._store.region_leases(now) >= quota:
+        region = await self._store.region_leases(now)
+        if region >= settings.region_subscription_quota:
+            ceiling = room_ceiling(settings.limits, room, other_rooms_viewers=region)
             raise NoCapacity(
-                f"the region's concurrent-subscription quota is reached ({quota} viewers in every room "
-                "together, FANOUT_REGION_SUBSCRIPTION_QUOTA); ask AWS to raise it",
-                code="capacity_exhausted",
-                retry_after=settings.no_capacity_retry_after,
+                ceiling.describe(), code="capacity_exhausted", retry_after=settings.no_capacity_retry_after
+            )
+        ceiling = self.ceiling(room, region, 0)
+        stages = self._inventory.stages(room)
+        eligible = {stage.arn for stage in self._inventory.eligible(room)}
+        # A STANDBY Stage beside LIVE ones is a replica whose replication is (re)starting.
+        coming = [stage for stage in stages if stage.state == "STANDBY" and stage.arn not in eligible]
+        if len(stages) >= ceiling.stages and not coming:
+            raise NoCapacity(
+                ceiling.describe(), code="capacity_exhausted", retry_after=settings.no_capacity_retry_after
             )
         raise NoCapacity(
-            f"room {room} has no Stage that can take another viewer",
+            f"room {room} has no Stage that can take another viewer yet; more are coming",
             code="no_capacity",
             retry_after=settings.no_capacity_retry_after,
+        )
+
+    def ceiling(self, room: str, region_viewers: int, room_viewers: int) -> Ceiling:
+        """The room's ceiling under the capacity plan, given what the deployment's other rooms hold."""
+        all_stages = sum(len(self._inventory.stages(other)) for other in self._inventory.rooms())
+        return room_ceiling(
+            self._settings.limits,
+            room,
+            other_rooms_stages=all_stages - len(self._inventory.stages(room)),
+            other_rooms_viewers=max(0, region_viewers - room_viewers),
         )
 
     async def renew_viewer(self, room: str, user_id: str) -> tuple[int, str]:
@@ -199,7 +230,12 @@ class Allocator:
         if not await self._inventory.wait_for_revision(min_revision, self._settings.revision_wait_seconds):
             raise Unavailable("the stage inventory is behind the stage manager", retry_after=1)
         self._require_room(room)
-        stages = [stage for stage in self._inventory.stages(room) if stage.state in KEEPS_VIEWERS]
+        # The page publishes to origins only; IVS replicates it into the replicas (DESIGN.md §5).
+        stages = [
+            stage
+            for stage in self._inventory.stages(room)
+            if stage.state in KEEPS_VIEWERS and stage.role != REPLICA_ROLE
+        ]
         if stage_arns:
             wanted = set(stage_arns)
             stages = [stage for stage in stages if stage.arn in wanted]
@@ -242,11 +278,13 @@ class Allocator:
                         self._settings.soft_capacity,
                     )
                 )
-        summaries = [
-            RoomOccupancy(room_id, sum(counts.get(room_id, {}).values()), joins.get(room_id, 0))
-            for room_id in rooms
-        ]
-        return Occupancy(stages, summaries, await self._store.region_leases(now))
+        region = await self._store.region_leases(now)
+        summaries = []
+        for room_id in rooms:
+            viewers = sum(counts.get(room_id, {}).values())
+            ceiling = self.ceiling(room_id, region, viewers)
+            summaries.append(RoomOccupancy(room_id, viewers, joins.get(room_id, 0), ceiling))
+        return Occupancy(stages, summaries, region)
 
     def record_observations(self, observations: list[StageViewersObservation]) -> None:
         for observation in observations:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.allocator.allocation import PlacementSettings
+from services.common.capacity import read_capacity_limits
 from services.common.env import ConfigError, Env
 from services.common.ids import CLUSTER_ID_PATTERN, GRPC_ADDRESS_PATTERN
 from services.common.ivs_settings import IvsSettings, read_ivs_settings
@@ -38,10 +39,7 @@ def read_settings(environ: Mapping[str, str]) -> AllocatorSettings:
     env = Env(environ)
     ivs = read_ivs_settings(environ)
     state_dir = Path(env.str("FANOUT_STATE_DIR", ".fanout"))
-    capacity = env.int("FANOUT_STAGE_CAPACITY", 50, minimum=1, maximum=10_000)
-    hard_limit = env.int("FANOUT_STAGE_HARD_LIMIT", 10_000, minimum=1, maximum=100_000)
-    if hard_limit < capacity:
-        raise ConfigError(f"FANOUT_STAGE_HARD_LIMIT={hard_limit} is below FANOUT_STAGE_CAPACITY={capacity}")
+    limits = read_capacity_limits(env)
     key_file_value = env.raw("FANOUT_SIGNING_KEY_FILE")
     if ivs.mode == "local":
         key_file: Path | None = Path(key_file_value) if key_file_value else state_dir / "signing-key.pem"
@@ -67,14 +65,10 @@ def read_settings(environ: Mapping[str, str]) -> AllocatorSettings:
         ),
         ivs=ivs,
         placement=PlacementSettings(
-            soft_capacity=capacity,
-            hard_limit=hard_limit,
+            limits=limits,
             lease_seconds=env.int("FANOUT_VIEWER_LEASE_SECONDS", 60, minimum=5, maximum=3600),
             viewer_token_seconds=env.int(
                 "FANOUT_VIEWER_TOKEN_SECONDS", 12 * 3600, minimum=60, maximum=TWO_WEEKS
-            ),
-            region_subscription_quota=env.int(
-                "FANOUT_REGION_SUBSCRIPTION_QUOTA", 20_000, minimum=1, maximum=100_000_000
             ),
             observation_ttl_seconds=env.float(
                 "FANOUT_OBSERVATION_TTL_SECONDS", 30.0, minimum=1.0, maximum=3600.0

@@ -15,8 +15,11 @@ class StageView:
     state: str  # PROVISIONING, STANDBY, LIVE, DRAINING, DELETING, FAILED
     events_url: str
     whip_url: str
+    # "origin" (the page publishes to it) or "replica" (IVS replicates the broadcaster into it).
+    role: str = "origin"
 
 
+REPLICA_ROLE = "replica"
 # A Stage in these states exists in IVS and may keep the viewers it has.
 KEEPS_VIEWERS = frozenset({"STANDBY", "LIVE", "DRAINING"})
 

@@ -71,7 +71,17 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         occupancy = await self._allocator.occupancy(request.room)
         return allocator_pb2.GetOccupancyResponse(
             rooms=[
-                allocator_pb2.RoomOccupancy(room=r.room, viewers=r.viewers, joins_total=r.joins_total)
+                allocator_pb2.RoomOccupancy(
+                    room=r.room,
+                    viewers=r.viewers,
+                    joins_total=r.joins_total,
+                    ceiling=allocator_pb2.RoomCeiling(
+                        viewers=r.ceiling.viewers,
+                        stages=r.ceiling.stages,
+                        binding_limit=r.ceiling.binding.value,
+                        description=r.ceiling.describe(),
+                    ),
+                )
                 for r in occupancy.rooms
             ],
             stages=[

@@ -10,7 +10,7 @@ from typing import Protocol
 import grpc
 
 from protos.fanout.v1 import common_pb2, stagemanager_pb2, stagemanager_pb2_grpc
-from services.allocator.inventory import StageInventory, StageView
+from services.allocator.inventory import REPLICA_ROLE, StageInventory, StageView
 from services.common.errors import FanoutError
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ def stage_from_proto(stage: common_pb2.Stage) -> StageView:
         state=common_pb2.StageState.Name(stage.state)[_STATE_PREFIX:],
         events_url=stage.events_url,
         whip_url=stage.whip_url,
+        role=REPLICA_ROLE if stage.role == common_pb2.STAGE_ROLE_REPLICA else "origin",
     )
 
 

@@ -43,3 +43,16 @@ def check_stage_arn(arn: str) -> str:
 def stage_id(arn: str) -> str:
     """The last path segment of a stage ARN: the token's `topic` claim."""
     return arn.rsplit("/", 1)[-1]
+
+
+# A participant id: IVS assigns it, or it is the `jti` of a self-signed token (botocore ParticipantId).
+PARTICIPANT_ID_PATTERN = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def check_participant_id(participant_id: str) -> str:
+    if not PARTICIPANT_ID_PATTERN.fullmatch(participant_id):
+        raise InvalidArgument(
+            "participantId must be 1-64 characters of a-z, A-Z, 0-9, '-' and '_'",
+            code="invalid_participant_id",
+        )
+    return participant_id

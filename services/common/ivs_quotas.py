@@ -29,4 +29,9 @@ OPERATION_RATES: dict[str, float] = {
         ("ImportPublicKey", "GetPublicKey", "ListPublicKeys", "DeletePublicKey"), _PUBLIC_KEY_TPS
     ),
     **dict.fromkeys(("TagResource", "UntagResource", "ListTagsForResource"), _TAG_TPS),
+    # The quota page lists no rate for replication; assumed to be the Stage operations' 5 TPS, so a
+    # repair storm stays within what every other Stage call gets.
+    **dict.fromkeys(
+        ("StartParticipantReplication", "StopParticipantReplication", "ListParticipantReplicas"), _STAGE_TPS
+    ),
 }

@@ -10,6 +10,8 @@ TAG_ROOM = "fanout:room"
 TAG_INDEX = "fanout:index"
 # "origin" (the page publishes to it) or "replica" (fed by server-side replication).
 TAG_ROLE = "fanout:role"
+# On a replica: the index of the origin that feeds it, so a restart keeps the topology.
+TAG_ORIGIN = "fanout:origin"
 # Being drained: a restarted stage manager keeps draining it instead of filling it again.
 TAG_DRAINING = "fanout:draining"
 # On one Stage of a room being ended: a restarted stage manager finishes the ending instead of

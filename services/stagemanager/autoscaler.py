@@ -11,20 +11,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from services.common.capacity import CapacityLimits, room_ceiling
 from services.common.errors import FanoutError
 from services.stagemanager.inventory import Inventory
 from services.stagemanager.metrics import StageManagerMetrics
 from services.stagemanager.model import ACTIVE_STATES, RoomRecord, StageRecord, StageState
 from services.stagemanager.rooms import RoomManager
+from services.stagemanager.topology import drain_candidates, emptiest, placed
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class AutoscalerSettings:
-    soft_capacity: int = 50
+    # The capacity plan: soft capacity, the topology and the quotas no plan goes past.
+    limits: CapacityLimits = field(default_factory=CapacityLimits)
     min_stages: int = 1
-    max_stages_per_room: int = 200
     min_free_slots: int = 25
     safety_factor: float = 1.5
     join_rate_window_seconds: float = 10.0
@@ -35,9 +37,6 @@ class AutoscalerSettings:
     # After the account's Stage quota refused a Stage, wait this long before asking again.
     quota_retry_seconds: float = 60.0
     tick_seconds: float = 1.0
-    # Concurrent subscriptions of the whole region, every room together (the allocator refuses past
-    # it): a Stage no viewer can be placed on is not made.
-    region_subscription_quota: int = 20_000
 
 
 @dataclass(frozen=True)
@@ -114,13 +113,15 @@ def plan_room(
     surplus_ripe: bool,
     may_create: bool,
     region_left: int | None = None,
+    stages_elsewhere: int = 0,
 ) -> Plan:
     """One tick's decision for one room; `surplus_ripe` says a surplus has outlasted the cooldown;
-    `region_left` is how many more viewers the region's subscription quota admits, in every room."""
+    `region_left` is how many more viewers the region's subscription quota admits, in every room;
+    `stages_elsewhere` is how many Stages the deployment's other rooms hold (the Stage quota)."""
     stages = list(room.stages.values())
     active = [s for s in stages if s.state in ACTIVE_STATES]
     draining = [s for s in stages if s.state is StageState.DRAINING]
-    capacity = settings.soft_capacity
+    capacity = settings.limits.soft_capacity
     free = free_slots(room, viewers, capacity)
     retire = tuple(s for s in draining if viewers.get(s.arn, 0) == 0)
 
@@ -130,7 +131,8 @@ def plan_room(
         comeback = sorted(
             (s for s in draining if s not in retire), key=lambda s: viewers.get(s.arn, 0), reverse=True
         )[:missing]
-        room_left = settings.max_stages_per_room - sum(1 for s in stages if s.state is not StageState.FAILED)
+        ceiling = room_ceiling(settings.limits, room.room, other_rooms_stages=stages_elsewhere)
+        room_left = ceiling.stages - len(placed(room))
         if region_left is not None:
             # Past the regional quota no viewer can be placed, however many Stages there are.
             room_left = min(room_left, math.ceil(max(0, region_left - free) / capacity))
@@ -142,8 +144,7 @@ def plan_room(
     drain = None
     usable = [s for s in active if s.arn and s.state is not StageState.PROVISIONING]
     if surplus_ripe and has_surplus(free, wanted, capacity) and len(usable) > settings.min_stages:
-        # The emptiest goes; among equals the newest, so the pool keeps its low, stable indices.
-        drain = min(usable, key=lambda s: (viewers.get(s.arn, 0), -s.index))
+        drain = emptiest(drain_candidates(room, usable), viewers)
     return Plan(drain=drain, retire=retire, free=free, wanted_free=wanted)
 
 
@@ -201,13 +202,23 @@ class Autoscaler:
             self._occupancy_down = False
         now = self._clock()
         region_viewers = sum(sum(load.viewers.values()) for load in loads.values())
-        region_left = self._settings.region_subscription_quota - region_viewers
-        for room in self._inventory.rooms():
-            await self._scale_room(room, loads.get(room.room, RoomLoad({}, 0)), now, region_left)
+        region_left = self._settings.limits.region_subscription_quota - region_viewers
+        rooms = self._inventory.rooms()
+        all_stages = sum(len(placed(room)) for room in rooms)
+        for room in rooms:
+            await self._scale_room(
+                room,
+                loads.get(room.room, RoomLoad({}, 0)),
+                now,
+                region_left,
+                stages_elsewhere=all_stages - len(placed(room)),
+            )
         for gone in set(self._state) - {room.room for room in self._inventory.rooms()}:
             del self._state[gone]
 
-    async def _scale_room(self, room: RoomRecord, load: RoomLoad, now: float, region_left: int) -> None:
+    async def _scale_room(
+        self, room: RoomRecord, load: RoomLoad, now: float, region_left: int, stages_elsewhere: int
+    ) -> None:
         settings = self._settings
         if room.ending:
             return
@@ -226,9 +237,8 @@ class Autoscaler:
         rate = state.join_rate.add(now, load.joins_total)
         lead = lead_time(room, settings.default_lead_time_seconds)
         wanted = wanted_free_slots(rate, lead, settings)
-        if has_surplus(
-            free_slots(room, load.viewers, settings.soft_capacity), wanted, settings.soft_capacity
-        ):
+        capacity = settings.limits.soft_capacity
+        if has_surplus(free_slots(room, load.viewers, capacity), wanted, capacity):
             state.surplus_since = state.surplus_since if state.surplus_since is not None else now
         else:
             state.surplus_since = None
@@ -244,6 +254,7 @@ class Autoscaler:
             ripe,
             may_create=now >= state.quota_until,
             region_left=region_left,
+            stages_elsewhere=stages_elsewhere,
         )
         reason = (
             f"free {plan.free} < wanted {plan.wanted_free:.0f} (join rate {rate:.1f}/s x lead {lead:.1f}s)"

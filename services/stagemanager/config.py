@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from services.common.capacity import read_capacity_limits
 from services.common.env import ConfigError, Env
 from services.common.ids import CLUSTER_ID_PATTERN, GRPC_ADDRESS_PATTERN
 from services.common.ivs_settings import IvsSettings, read_ivs_settings
@@ -27,14 +28,20 @@ class StageManagerSettings:
 def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
     env = Env(environ)
     ivs = read_ivs_settings(environ)
+    limits = read_capacity_limits(env)
     min_stages = env.int("FANOUT_MIN_STAGES", 1, minimum=1, maximum=100)
-    max_stages = env.int("FANOUT_MAX_STAGES_PER_ROOM", 200, minimum=1, maximum=1000)
-    if max_stages < min_stages:
-        raise ConfigError(f"FANOUT_MAX_STAGES_PER_ROOM={max_stages} is below FANOUT_MIN_STAGES={min_stages}")
+    if min_stages > limits.topology_stages:
+        raise ConfigError(
+            f"FANOUT_MIN_STAGES={min_stages} is more than the topology holds "
+            f"(FANOUT_DIRECT_STAGES x (1 + FANOUT_REPLICAS_PER_ORIGIN) = {limits.topology_stages})"
+        )
+    if min_stages > limits.max_stages_per_room:
+        raise ConfigError(
+            f"FANOUT_MAX_STAGES_PER_ROOM={limits.max_stages_per_room} is below FANOUT_MIN_STAGES={min_stages}"
+        )
     autoscaler = AutoscalerSettings(
-        soft_capacity=env.int("FANOUT_STAGE_CAPACITY", 50, minimum=1, maximum=10_000),
+        limits=limits,
         min_stages=min_stages,
-        max_stages_per_room=max_stages,
         min_free_slots=env.int("FANOUT_MIN_FREE_SLOTS", 25, minimum=0, maximum=1_000_000),
         safety_factor=env.float("FANOUT_SCALE_SAFETY_FACTOR", 1.5, minimum=1.0, maximum=10.0),
         join_rate_window_seconds=env.float(
@@ -49,9 +56,6 @@ def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
         room_idle_seconds=env.float("FANOUT_ROOM_IDLE_SECONDS", 1800.0, minimum=1.0, maximum=7 * 86_400.0),
         quota_retry_seconds=env.float("FANOUT_QUOTA_RETRY_SECONDS", 60.0, minimum=1.0, maximum=3600.0),
         tick_seconds=env.float("FANOUT_AUTOSCALER_TICK_SECONDS", 1.0, minimum=0.05, maximum=60.0),
-        region_subscription_quota=env.int(
-            "FANOUT_REGION_SUBSCRIPTION_QUOTA", 20_000, minimum=1, maximum=100_000_000
-        ),
     )
     return StageManagerSettings(
         listen=env.str("FANOUT_STAGEMANAGER_LISTEN", "127.0.0.1:50061", pattern=GRPC_ADDRESS_PATTERN),
@@ -59,8 +63,14 @@ def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
         ivs=ivs,
         rooms=RoomSettings(
             cluster_id=env.str("FANOUT_CLUSTER_ID", "local", pattern=CLUSTER_ID_PATTERN),
+            limits=limits,
             min_stages=min_stages,
-            max_stages_per_room=max_stages,
+            replication_check_seconds=env.float(
+                "FANOUT_REPLICATION_CHECK_SECONDS", 10.0, minimum=0.5, maximum=600.0
+            ),
+            replication_reconnect_seconds=env.int(
+                "FANOUT_REPLICATION_RECONNECT_SECONDS", 10, minimum=0, maximum=300
+            ),
             publisher_grace_seconds=env.float(
                 "FANOUT_PUBLISHER_GRACE_SECONDS", 10.0, minimum=0.0, maximum=600.0
             ),

@@ -6,9 +6,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.fanout.v1 import common_pb2, stagemanager_pb2
 from services.stagemanager.inventory import Change, ChangeKind
-from services.stagemanager.model import RoomRecord, StageRecord
+from services.stagemanager.model import ORIGIN, REPLICA, Replication, RoomRecord, StageRecord
 
-_ROLES = {"origin": common_pb2.STAGE_ROLE_ORIGIN, "replica": common_pb2.STAGE_ROLE_REPLICA}
+_ROLES = {ORIGIN: common_pb2.STAGE_ROLE_ORIGIN, REPLICA: common_pb2.STAGE_ROLE_REPLICA}
+_REPLICATION = {
+    Replication.NONE: common_pb2.REPLICATION_STATE_UNSPECIFIED,
+    Replication.WAITING: common_pb2.REPLICATION_STATE_WAITING,
+    Replication.ACTIVE: common_pb2.REPLICATION_STATE_ACTIVE,
+    Replication.STOPPED: common_pb2.REPLICATION_STATE_STOPPED,
+}
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -27,6 +33,9 @@ def stage_to_proto(stage: StageRecord) -> common_pb2.Stage:
         events_url=stage.events_url,
         whip_url=stage.whip_url,
         created_at=timestamp(stage.created_at),
+        origin_index=max(stage.origin, 0),
+        replication=_REPLICATION[stage.replication],
+        replication_error=stage.replication_error,
     )
 
 

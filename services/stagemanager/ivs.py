@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from services.common.errors import NoCapacity, NotFound, Unavailable
+from services.common.errors import FanoutError, NoCapacity, NotFound, Unavailable
 from services.common.ivs_calls import IvsCaller, error_code
 from services.common.stage_tags import TAG_CLUSTER, TAG_DRAINING, TAG_ENDING
 
@@ -17,6 +17,13 @@ log = logging.getLogger(__name__)
 
 class StageQuotaExceeded(NoCapacity):
     default_code = "stage_quota_exceeded"
+
+
+class ReplicationRefused(FanoutError):
+    """IVS would not start a replication (the participant's 5 replications, a full Stage, no such
+    participant publishing): worth trying again later, not at once."""
+
+    default_code = "replication_refused"
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,92 @@ class StageApi:
             token = response.get("nextToken")
             if not token:
                 return stages
+
+
+class ReplicationApi:
+    """Server-side replication of the broadcaster from an origin into its replicas (DESIGN.md §5)."""
+
+    def __init__(self, caller: IvsCaller) -> None:
+        self._caller = caller
+
+    async def publishing_participant(self, stage_arn: str) -> str | None:
+        """The participant publishing on the Stage itself (not a replica of another), newest first."""
+        try:
+            stage = (await self._caller.call("GetStage", arn=stage_arn))["stage"]
+            session = stage.get("activeSessionId")
+            if not session:
+                return None
+            response = await self._caller.call(
+                "ListParticipants",
+                stageArn=stage_arn,
+                sessionId=session,
+                filterByPublished=True,
+                maxResults=20,
+            )
+        except (ClientError, BotoCoreError) as error:
+            raise _translate("ListParticipants", error) from error
+        publishing = [
+            p
+            for p in response.get("participants", [])
+            if p.get("state") == "CONNECTED" and p.get("replicationType") != "REPLICA"
+        ]
+        publishing.sort(key=lambda p: p.get("firstJoinTime") or 0, reverse=True)
+        return str(publishing[0]["participantId"]) if publishing else None
+
+    async def active_replicas(self, source_arn: str, participant_id: str) -> set[str]:
+        """Destination Stage ARNs into which the participant is replicated now."""
+        active: set[str] = set()
+        token: str | None = None
+        while True:
+            params: dict[str, object] = {"sourceStageArn": source_arn, "participantId": participant_id}
+            if token:
+                params["nextToken"] = token
+            try:
+                response = await self._caller.call("ListParticipantReplicas", **params)
+            except (ClientError, BotoCoreError) as error:
+                raise _translate("ListParticipantReplicas", error) from error
+            for replica in response.get("replicas", []):
+                if replica.get("replicationState") == "ACTIVE":
+                    active.add(str(replica["destinationStageArn"]))
+            token = response.get("nextToken")
+            if not token:
+                return active
+
+    async def start(self, source_arn: str, destination_arn: str, participant_id: str, window: int) -> None:
+        """Starts the replication; one that is already running counts as started."""
+        try:
+            await self._caller.call(
+                "StartParticipantReplication",
+                sourceStageArn=source_arn,
+                destinationStageArn=destination_arn,
+                participantId=participant_id,
+                reconnectWindowSeconds=window,
+            )
+        except ClientError as error:
+            code = error_code(error)
+            if code == "ConflictException":
+                return
+            if code in ("ServiceQuotaExceededException", "ResourceNotFoundException", "ValidationException"):
+                message = error.response.get("Error", {}).get("Message") or code
+                raise ReplicationRefused(f"StartParticipantReplication refused: {code}: {message}") from error
+            raise _translate("StartParticipantReplication", error) from error
+        except BotoCoreError as error:
+            raise _translate("StartParticipantReplication", error) from error
+
+    async def stop(self, source_arn: str, destination_arn: str, participant_id: str) -> None:
+        """Stops the replication; one that is already gone counts as stopped."""
+        try:
+            await self._caller.call(
+                "StopParticipantReplication",
+                sourceStageArn=source_arn,
+                destinationStageArn=destination_arn,
+                participantId=participant_id,
+            )
+        except ClientError as error:
+            if error_code(error) not in ("ResourceNotFoundException", "ValidationException"):
+                raise _translate("StopParticipantReplication", error) from error
+        except BotoCoreError as error:
+            raise _translate("StopParticipantReplication", error) from error
 
 
 def _stage(stage: Mapping[str, object]) -> IvsStage:

@@ -7,9 +7,13 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.common.capacity import CapacityLimits, room_ceiling
 from services.common.errors import Unavailable
 from services.stagemanager.inventory import Inventory
-from services.stagemanager.model import StageState
+from services.stagemanager.model import ORIGIN, REPLICA, Replication, StageState
+from services.stagemanager.topology import placed
+
+_REPLICA_STATES = (Replication.ACTIVE, Replication.WAITING, Replication.STOPPED)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,43 @@ class StageManagerMetrics:
             ["room", "reason"],
             registry=registry,
         )
+        self.replicas = Gauge(
+            "fanout_replicas",
+            "Replica Stages by room and replication state (ACTIVE, WAITING for a publisher, STOPPED).",
+            ["room", "replication"],
+            registry=registry,
+        )
+        self.replication_starts = Counter(
+            "fanout_replication_starts",
+            "StartParticipantReplication calls by room and outcome (started, refused).",
+            ["room", "outcome"],
+            registry=registry,
+        )
+        # Headroom of the capacity plan per room (DESIGN.md §5): used against limit, by limit:
+        # stages (the room's Stage ceiling), origins (FANOUT_DIRECT_STAGES), replicas_per_origin
+        # (the fullest origin against FANOUT_REPLICAS_PER_ORIGIN, at most IVS's 5).
+        self.room_used = Gauge(
+            "fanout_room_capacity_used",
+            "What a room uses of each capacity-plan limit (stages, origins, replicas_per_origin).",
+            ["room", "limit"],
+            registry=registry,
+        )
+        self.room_limit = Gauge(
+            "fanout_room_capacity_limit",
+            "Each capacity-plan limit of a room (stages, origins, replicas_per_origin).",
+            ["room", "limit"],
+            registry=registry,
+        )
+        self.region_stages = Gauge(
+            "fanout_region_stages",
+            "Stages of this deployment in IVS, every room together.",
+            registry=registry,
+        )
+        self.region_stage_quota = Gauge(
+            "fanout_region_stage_quota",
+            "The account's Stage quota in the region (FANOUT_REGION_STAGE_QUOTA).",
+            registry=registry,
+        )
         self.autoscaler_decisions = Counter(
             "fanout_autoscaler_decisions",
             "Pool changes decided by the autoscaler, by room and action (scale_out, drain, delete).",
@@ -52,21 +93,29 @@ class StageManagerMetrics:
         )
 
 
-async def follow_inventory(inventory: Inventory, metrics: StageManagerMetrics) -> None:
+_ROOM_LIMITS = ("stages", "origins", "replicas_per_origin")
+
+
+async def follow_inventory(
+    inventory: Inventory, metrics: StageManagerMetrics, limits: CapacityLimits
+) -> None:
     """Keeps the gauges equal to the inventory, refreshed on each of its changes."""
     known_rooms: set[str] = set()
+    metrics.region_stage_quota.set(limits.region_stage_quota)
     while True:
         with inventory.subscribe() as subscription:
             try:
                 while True:
-                    _publish(inventory, metrics, known_rooms)
+                    _publish(inventory, metrics, known_rooms, limits)
                     await subscription.next()
             except Unavailable:
                 log.warning("metrics fell behind the inventory; resynchronising")
                 await asyncio.sleep(0)
 
 
-def _publish(inventory: Inventory, metrics: StageManagerMetrics, known_rooms: set[str]) -> None:
+def _publish(
+    inventory: Inventory, metrics: StageManagerMetrics, known_rooms: set[str], limits: CapacityLimits
+) -> None:
     rooms = inventory.rooms()
     metrics.rooms.set(len(rooms))
     current = {room.room for room in rooms}
@@ -74,7 +123,14 @@ def _publish(inventory: Inventory, metrics: StageManagerMetrics, known_rooms: se
         # Every known room had all its series set below, so each one exists to remove.
         for state in StageState:
             metrics.stages.remove(gone, state.value)
+        for replication in _REPLICA_STATES:
+            metrics.replicas.remove(gone, replication.value)
+        for limit in _ROOM_LIMITS:
+            metrics.room_used.remove(gone, limit)
+            metrics.room_limit.remove(gone, limit)
         metrics.publishing.remove(gone)
+    all_placed = sum(len(placed(room)) for room in rooms)
+    metrics.region_stages.set(all_placed)
     for room in rooms:
         counts = dict.fromkeys(StageState, 0)
         for stage in room.stages.values():
@@ -82,5 +138,24 @@ def _publish(inventory: Inventory, metrics: StageManagerMetrics, known_rooms: se
         for state, count in counts.items():
             metrics.stages.labels(room.room, state.value).set(count)
         metrics.publishing.labels(room.room).set(1 if room.publishing else 0)
+        holding = placed(room)
+        replicas = dict.fromkeys(_REPLICA_STATES, 0)
+        for stage in holding:
+            if stage.role == REPLICA and stage.replication in replicas:
+                replicas[stage.replication] += 1
+        for replication, count in replicas.items():
+            metrics.replicas.labels(room.room, replication.value).set(count)
+        ceiling = room_ceiling(limits, room.room, other_rooms_stages=all_placed - len(holding))
+        origins = [stage for stage in holding if stage.role == ORIGIN]
+        fed = [sum(1 for s in holding if s.role == REPLICA and s.origin == o.index) for o in origins]
+        used = {"stages": len(holding), "origins": len(origins), "replicas_per_origin": max(fed, default=0)}
+        limit_of = {
+            "stages": ceiling.stages,
+            "origins": limits.direct_stages,
+            "replicas_per_origin": limits.replicas_per_origin,
+        }
+        for name in _ROOM_LIMITS:
+            metrics.room_used.labels(room.room, name).set(used[name])
+            metrics.room_limit.labels(room.room, name).set(limit_of[name])
     known_rooms.clear()
     known_rooms.update(current)

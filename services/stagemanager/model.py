@@ -21,6 +21,20 @@ EXISTING_STATES = frozenset({StageState.STANDBY, StageState.LIVE, StageState.DRA
 # The pool that takes new viewers now or soon: what free capacity is counted over.
 ACTIVE_STATES = frozenset({StageState.PROVISIONING, StageState.STANDBY, StageState.LIVE})
 
+ORIGIN = "origin"
+REPLICA = "replica"
+
+
+class Replication(Enum):
+    """A replica Stage's feed from its origin (DESIGN.md §5); an origin's is NONE."""
+
+    NONE = "NONE"
+    # The origin has no publisher to replicate yet.
+    WAITING = "WAITING"
+    ACTIVE = "ACTIVE"
+    # It was active and stopped, or StartParticipantReplication was refused: repair is due.
+    STOPPED = "STOPPED"
+
 
 @dataclass
 class StageRecord:
@@ -28,7 +42,14 @@ class StageRecord:
     index: int
     state: StageState
     created_at: float
-    role: str = "origin"
+    role: str = ORIGIN
+    # A replica's origin (its index in the room); -1 for an origin.
+    origin: int = -1
+    replication: Replication = Replication.NONE
+    # Why the last replication attempt into this replica failed; empty when none did.
+    replication_error: str = ""
+    # An origin's publishing participant (the publisher token's jti), as reported or seen in IVS.
+    publisher_id: str = ""
     arn: str = ""
     events_url: str = ""
     whip_url: str = ""
@@ -73,7 +94,14 @@ class RoomRecord:
 
     @property
     def publishing(self) -> bool:
-        return any(stage.publishing for stage in self.stages.values())
+        """The broadcaster publishes on an origin (a replica's publisher is IVS's copy of it)."""
+        return any(stage.publishing for stage in self.stages.values() if stage.role == ORIGIN)
+
+    def origins(self) -> list[StageRecord]:
+        return [s for _, s in sorted(self.stages.items()) if s.role == ORIGIN]
+
+    def replicas_of(self, origin: StageRecord) -> list[StageRecord]:
+        return [s for _, s in sorted(self.stages.items()) if s.role == REPLICA and s.origin == origin.index]
 
     def stage_by_arn(self, arn: str) -> StageRecord | None:
         return next((stage for stage in self.stages.values() if stage.arn == arn), None)

@@ -6,17 +6,35 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.errors import FanoutError, NoCapacity, NotFound, Unavailable
-from services.common.ids import check_room_id, check_stage_arn
+from services.common.capacity import CapacityLimits
+from services.common.errors import FanoutError, InvalidArgument, NoCapacity, NotFound, Unavailable
+from services.common.ids import check_participant_id, check_room_id, check_stage_arn
 from services.common.lifecycle import cancel_and_wait
-from services.common.stage_tags import TAG_CLUSTER, TAG_DRAINING, TAG_ENDING, TAG_INDEX, TAG_ROLE, TAG_ROOM
+from services.common.stage_tags import (
+    TAG_CLUSTER,
+    TAG_DRAINING,
+    TAG_ENDING,
+    TAG_INDEX,
+    TAG_ORIGIN,
+    TAG_ROLE,
+    TAG_ROOM,
+)
 from services.stagemanager.inventory import Inventory
 from services.stagemanager.ivs import StageApi, StageQuotaExceeded
 from services.stagemanager.metrics import StageManagerMetrics
-from services.stagemanager.model import EXISTING_STATES, RoomRecord, StageRecord, StageState
+from services.stagemanager.model import (
+    EXISTING_STATES,
+    ORIGIN,
+    REPLICA,
+    Replication,
+    RoomRecord,
+    StageRecord,
+    StageState,
+)
+from services.stagemanager.topology import next_slot
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +50,14 @@ class StageObservation:
 @dataclass(frozen=True)
 class RoomSettings:
     cluster_id: str
+    limits: CapacityLimits = field(default_factory=CapacityLimits)
     min_stages: int = 1
-    max_stages_per_room: int = 200
     create_attempts: int = 3
+    # How often every origin's replications are checked in IVS, besides each change that asks for it.
+    replication_check_seconds: float = 10.0
+    # A replication outlives a publisher drop this long, so a page that reconnects with the same
+    # participant keeps its replicas (StartParticipantReplication's reconnectWindowSeconds).
+    replication_reconnect_seconds: int = 10
     # A publisher the monitor does not see is only gone once the page's own report is this old.
     publisher_grace_seconds: float = 10.0
 
@@ -60,6 +83,8 @@ class RoomManager:
         self._background: set[asyncio.Task[None]] = set()
         # CreateStage calls in flight per room: an ending waits for them, so none outlives its room.
         self._provisioning: dict[str, set[asyncio.Task[None]]] = {}
+        # Set when something may need a replication started or stopped (see Replicator).
+        self.replication_due = asyncio.Event()
 
     @property
     def recovered(self) -> bool:
@@ -113,13 +138,16 @@ class RoomManager:
             else:
                 # Publishing is not known until the page or the monitor says so.
                 state = StageState.STANDBY
+            role = REPLICA if summary.tags.get(TAG_ROLE) == REPLICA else ORIGIN
             self._inventory.add_stage(
                 StageRecord(
                     room=room_id,
                     index=index,
                     state=state,
                     created_at=now,
-                    role=summary.tags.get(TAG_ROLE, "origin"),
+                    role=role,
+                    origin=_int_tag(summary.tags, TAG_ORIGIN) if role == REPLICA else -1,
+                    replication=Replication.WAITING if role == REPLICA else Replication.NONE,
                     arn=described.arn,
                     events_url=described.events_url,
                     whip_url=described.whip_url,
@@ -132,9 +160,22 @@ class RoomManager:
             if self._inventory.room(room_id) is not None:
                 log.info("room %s was being ended: finishing the ending", room_id)
                 self._spawn(self._delete_room(room_id, marker))
+        self._drain_orphan_replicas()
         self._recovered.set()
+        self.replication_due.set()
         log.info("recovered %d Stage(s) in %d room(s)", adopted, len(self._inventory.rooms()))
         return adopted
+
+    def _drain_orphan_replicas(self) -> None:
+        """A replica whose origin is gone (deleted before a restart) has no feed: it drains."""
+        for room in self._inventory.rooms():
+            origins = {stage.index for stage in room.origins()}
+            for stage in list(room.stages.values()):
+                if stage.role == REPLICA and stage.origin not in origins:
+                    log.warning(
+                        "room %s: replica Stage %d has no origin; draining it", room.room, stage.index
+                    )
+                    self.drain(stage)
 
     async def ensure_room(self, room_id: str) -> tuple[RoomRecord, bool, int]:
         """Creates the room (or tops it up) to the minimum pool; returns (room, created, revision)."""
@@ -153,10 +194,7 @@ class RoomManager:
             for stage in [s for s in room.stages.values() if s.state is StageState.FAILED]:
                 self._inventory.remove_stage(stage)
             usable = [s for s in room.stages.values() if s.state in EXISTING_STATES]
-            missing = min(
-                self._settings.min_stages - len(usable),
-                self._settings.max_stages_per_room - len(room.stages),
-            )
+            missing = self._settings.min_stages - len(usable)
             if missing > 0:
                 await asyncio.gather(*self.create_stages(room, missing))
             if not any(s.state in EXISTING_STATES for s in room.stages.values()):
@@ -174,14 +212,21 @@ class RoomManager:
             )
 
     def create_stages(self, room: RoomRecord, count: int) -> list[asyncio.Task[None]]:
-        """Adds `count` PROVISIONING Stages at once and provisions them in the background."""
+        """Adds up to `count` PROVISIONING Stages at once, each where the topology has a place for it
+        (see topology.next_slot), and provisions them in the background."""
         tasks = []
         for _ in range(count):
+            slot = next_slot(room, self._settings.limits)
+            if slot is None:
+                break
             record = StageRecord(
                 room=room.room,
                 index=room.next_index(),
                 state=StageState.PROVISIONING,
                 created_at=self._clock(),
+                role=slot.role,
+                origin=slot.origin,
+                replication=Replication.WAITING if slot.role == REPLICA else Replication.NONE,
                 during_show=room.publishing,
             )
             self._inventory.add_stage(record)
@@ -205,6 +250,8 @@ class RoomManager:
             TAG_INDEX: str(record.index),
             TAG_ROLE: record.role,
         }
+        if record.role == REPLICA:
+            tags[TAG_ORIGIN] = str(record.origin)
         name = f"fanout-{self._settings.cluster_id}-{room.room}-{record.index}"[:128]
         for attempt in range(1, self._settings.create_attempts + 1):
             started = time.monotonic()
@@ -230,6 +277,8 @@ class RoomManager:
                 ready_at=self._clock(),
             )
             self._inventory.set_room_error(room.room, "")
+            if record.role == REPLICA:
+                self.replication_due.set()
             self._metrics.provisioning.observe(max(0.0, self._clock() - record.created_at))
             log.info(
                 "room %s: Stage %d created (%s) in %.0f ms",
@@ -260,10 +309,15 @@ class RoomManager:
         self._require_recovered()
         return [room.copy() for room in self._inventory.rooms()], self._inventory.revision
 
-    async def report_publisher_status(self, room_id: str, arn: str, publishing: bool) -> StageRecord:
-        """The broadcaster's fast path: STANDBY becomes LIVE when it publishes, and back when it stops."""
+    async def report_publisher_status(
+        self, room_id: str, arn: str, publishing: bool, participant_id: str = ""
+    ) -> StageRecord:
+        """The broadcaster's fast path: STANDBY becomes LIVE when it publishes, and back when it stops.
+        `participant_id` (the publisher token's jti) is what replication copies into the replicas."""
         check_room_id(room_id)
         check_stage_arn(arn)
+        if participant_id:
+            check_participant_id(participant_id)
         self._require_recovered()
         room = self._inventory.room(room_id)
         if room is None:
@@ -271,11 +325,20 @@ class RoomManager:
         stage = room.stage_by_arn(arn)
         if stage is None:
             raise NotFound("the Stage is not part of this room", code="stage_not_found")
+        if stage.role == REPLICA:
+            raise InvalidArgument(
+                "the Stage is a replica: IVS copies the broadcaster into it; the page publishes to origins",
+                code="stage_is_replica",
+            )
+        if publishing and participant_id and participant_id != stage.publisher_id:
+            self._inventory.update_stage(stage, publisher_id=participant_id)
+            self.replication_due.set()
         self._set_publishing(room, stage, publishing, self._clock())
         return stage.copy()
 
     def _set_publishing(self, room: RoomRecord, stage: StageRecord, publishing: bool, at: float) -> None:
         was_publishing = room.publishing
+        stage_was_publishing = stage.publishing
         state = stage.state
         if publishing and state is StageState.STANDBY:
             state = StageState.LIVE
@@ -292,8 +355,39 @@ class RoomManager:
             if first_live and stage.lead_time is not None:
                 self._metrics.lead_time.observe(stage.lead_time)
             log.info("room %s: Stage %d %s (publishing=%s)", room.room, stage.index, state.value, publishing)
+        if stage.role == ORIGIN and publishing != stage_was_publishing:
+            self._origin_publishing_changed(room, stage, publishing, at)
         if room.publishing != was_publishing:
             self._inventory.room_publishing_changed(room.room)
+
+    def _origin_publishing_changed(
+        self, room: RoomRecord, origin: StageRecord, publishing: bool, at: float
+    ) -> None:
+        """Replication copies a publisher: without one on the origin its replicas show nothing, and
+        with one they must be (re)started."""
+        if publishing:
+            self.replication_due.set()
+            return
+        for replica in room.replicas_of(origin):
+            if replica.state in EXISTING_STATES and replica.replication is not Replication.WAITING:
+                self._inventory.update_stage(replica, replication=Replication.WAITING, replication_error="")
+                self._set_publishing(room, replica, False, at)
+
+    def set_replication(
+        self, room: RoomRecord, replica: StageRecord, replication: Replication, error: str = ""
+    ) -> None:
+        """What the replicator found or did: a replica is LIVE (placeable) only while ACTIVE."""
+        if replica.replication is not replication or replica.replication_error != error:
+            self._inventory.update_stage(replica, replication=replication, replication_error=error)
+            if error:
+                log.warning("room %s: replica Stage %d: %s", room.room, replica.index, error)
+        active = replication is Replication.ACTIVE
+        if replica.publishing != active:
+            self._set_publishing(room, replica, active, self._clock())
+
+    def set_publisher_id(self, origin: StageRecord, participant_id: str) -> None:
+        if origin.publisher_id != participant_id:
+            self._inventory.update_stage(origin, publisher_id=participant_id)
 
     def apply_observations(self, observations: list[StageObservation]) -> None:
         """The monitor's truth: a publisher seen confirms LIVE; one missing past the grace ends it."""
@@ -309,14 +403,22 @@ class RoomManager:
             if observation.observed_at <= stage.publishing_since:
                 continue  # older than what the page last reported
             if observation.publishers > 0 and not stage.publishing:
-                self._set_publishing(room, stage, True, observation.observed_at)
+                if stage.role == REPLICA:
+                    self.set_replication(room, stage, Replication.ACTIVE)
+                else:
+                    self._set_publishing(room, stage, True, observation.observed_at)
             elif (
                 observation.publishers == 0
                 and stage.publishing
                 and observation.observed_at > stage.publishing_since + self._settings.publisher_grace_seconds
             ):
                 log.warning("room %s: the publisher vanished from Stage %d", room.room, stage.index)
-                self._set_publishing(room, stage, False, observation.observed_at)
+                if stage.role == REPLICA:
+                    # Its replication stopped: the replicator restarts it if the origin still publishes.
+                    self.set_replication(room, stage, Replication.STOPPED, "the replica's publisher vanished")
+                    self.replication_due.set()
+                else:
+                    self._set_publishing(room, stage, False, observation.observed_at)
 
     async def end_room(self, room_id: str) -> None:
         """Records the ending in IVS first (a tag on one Stage), then marks every Stage DELETING and
@@ -416,5 +518,9 @@ class RoomManager:
 
 
 def _index_tag(tags: dict[str, str] | object) -> int:
-    value = tags.get(TAG_INDEX, "") if isinstance(tags, dict) else ""
+    return _int_tag(tags, TAG_INDEX)
+
+
+def _int_tag(tags: dict[str, str] | object, key: str) -> int:
+    value = tags.get(key, "") if isinstance(tags, dict) else ""
     return int(value) if isinstance(value, str) and value.isdigit() else -1

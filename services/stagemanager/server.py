@@ -18,9 +18,10 @@ from services.common.lifecycle import cancel_and_wait
 from services.stagemanager.autoscaler import Autoscaler
 from services.stagemanager.config import StageManagerSettings
 from services.stagemanager.inventory import Inventory
-from services.stagemanager.ivs import StageApi
+from services.stagemanager.ivs import ReplicationApi, StageApi
 from services.stagemanager.metrics import StageManagerMetrics, follow_inventory
 from services.stagemanager.occupancy import AllocatorOccupancy
+from services.stagemanager.replication import Replicator
 from services.stagemanager.rooms import RoomManager
 from services.stagemanager.servicer import StageManagerServicer
 
@@ -59,6 +60,7 @@ async def start_stage_manager(
     inventory = Inventory()
     metrics = StageManagerMetrics(registry)
     rooms = RoomManager(inventory, StageApi(caller), settings.rooms, metrics)
+    replicator = Replicator(rooms, inventory, ReplicationApi(caller), settings.rooms, metrics)
     servicer = StageManagerServicer(rooms, inventory)
     occupancy = AllocatorOccupancy(allocator_pb2_grpc.AllocatorStub(allocator_channel))
     autoscaler = Autoscaler(rooms, inventory, occupancy, settings.autoscaler, metrics)
@@ -71,8 +73,9 @@ async def start_stage_manager(
     )
     tasks = [
         asyncio.create_task(_recover_until_done(rooms, server)),
-        asyncio.create_task(follow_inventory(inventory, metrics)),
+        asyncio.create_task(follow_inventory(inventory, metrics, settings.rooms.limits)),
         asyncio.create_task(autoscaler.run()),
+        asyncio.create_task(replicator.run()),
     ]
     return StageManagerService(server, rooms, inventory, caller, tasks)
 

@@ -47,7 +47,9 @@ class StageManagerServicer(stagemanager_pb2_grpc.StageManagerServicer):
     async def ReportPublisherStatus(
         self, request: stagemanager_pb2.ReportPublisherStatusRequest, context: grpc.aio.ServicerContext
     ) -> stagemanager_pb2.ReportPublisherStatusResponse:
-        stage = await self._rooms.report_publisher_status(request.room, request.stage_arn, request.publishing)
+        stage = await self._rooms.report_publisher_status(
+            request.room, request.stage_arn, request.publishing, request.participant_id
+        )
         return stagemanager_pb2.ReportPublisherStatusResponse(stage=stage_to_proto(stage))
 
     async def ReportObservations(

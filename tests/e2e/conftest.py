@@ -114,8 +114,12 @@ def start_system(state_dir: Path, **settings: str) -> Iterator[RunningSystem]:
 @pytest.fixture(scope="module")
 def running_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSystem]:
     """Module-scoped, so a module that needs other settings can start its own with start_system()."""
-    with start_system(tmp_path_factory.mktemp("state"), FANOUT_MIN_STAGES="2") as system:
+    with start_system(tmp_path_factory.mktemp("state"), **BROWSER_FAN_OUT, FANOUT_MIN_STAGES="2") as system:
         yield system
+
+
+# The page publishes to every Stage itself (no replicas): for the tests of a page on several Stages.
+BROWSER_FAN_OUT = {"FANOUT_DIRECT_STAGES": "4", "FANOUT_REPLICAS_PER_ORIGIN": "0"}
 
 
 def _listening(port: int) -> bool:

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from playwright.sync_api import Browser, BrowserContext, Page, Request, WebSocket, expect
 
-from tests.e2e.conftest import RunningSystem, screenshot, start_system
+from tests.e2e.conftest import BROWSER_FAN_OUT, RunningSystem, screenshot, start_system
 from tests.e2e.pages import eventually, eventually_on, token_claims
 
 pytestmark = pytest.mark.e2e
@@ -64,6 +64,7 @@ def aws_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSyst
         AWS_EC2_METADATA_DISABLED="true",
         FANOUT_SIGNING_KEY_FILE=str(key_file),
         FANOUT_MIN_STAGES=str(STAGES),
+        **BROWSER_FAN_OUT,
     ) as system:
         yield system
 

@@ -24,7 +24,7 @@ import pytest
 from botocore.exceptions import ClientError
 from playwright.sync_api import Browser, BrowserContext, Page, Route, expect
 
-from tests.e2e.conftest import PageProblems, RunningSystem, screenshot, start_system
+from tests.e2e.conftest import BROWSER_FAN_OUT, PageProblems, RunningSystem, screenshot, start_system
 from tests.e2e.pages import connected_participants, eventually, wait_until_playing
 
 pytestmark = pytest.mark.e2e
@@ -43,6 +43,7 @@ def scaling_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running
         # Fast scale-in, so the test also sees Stages deleted under the broadcaster.
         FANOUT_SCALE_IN_COOLDOWN_SECONDS="2",
         FANOUT_JOIN_RATE_WINDOW_SECONDS="3",
+        **BROWSER_FAN_OUT,
     ) as system:
         yield system
 

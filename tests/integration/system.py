@@ -84,6 +84,11 @@ def service_env(ivs_url: str, state_dir: Path, overrides: Mapping[str, str]) -> 
         "FANOUT_RATE_LIMIT_PER_SECOND": "0",
         "FANOUT_PUBLISHER_KEYS": PUBLISHER_KEY,
         "FANOUT_SHUTDOWN_GRACE_SECONDS": "0.2",
+        # Browser fan-out (every Stage an origin the test broadcaster reports publishing on), so a
+        # test about scaling or faults needs no publisher in the emulator. Tests of the topology
+        # (replicas fed by replication) set these back, and publish for real.
+        "FANOUT_DIRECT_STAGES": "200",
+        "FANOUT_REPLICAS_PER_ORIGIN": "0",
     }
     env.update(overrides)
     return env

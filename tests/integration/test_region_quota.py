@@ -90,8 +90,10 @@ async def test_two_rooms_never_place_more_than_the_region_quota_together(
     assert {room.room for room in occupancy.rooms if room.viewers} == {"one", "two"}
     assert again == "placed"
     assert quota_gauge == QUOTA
-    assert info["capacity"] == {
-        "regionSubscriptions": QUOTA,
-        "regionSubscriptionQuota": QUOTA,
-        "stageHardLimit": 10_000,
-    }
+    capacity = info["capacity"]
+    assert capacity["regionSubscriptions"] == capacity["regionSubscriptionQuota"] == QUOTA
+    assert capacity["stageHardLimit"] == 10_000
+    # The room's own ceiling is what the region leaves it: the other room's viewers are taken.
+    assert capacity["bindingLimit"] == "region_subscriptions"
+    assert capacity["ceiling"] == info["viewers"] < QUOTA
+    assert "FANOUT_REGION_SUBSCRIPTION_QUOTA" in capacity["bindingLimitDescription"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.common.capacity import CapacityLimits
 from services.stagemanager.autoscaler import (
     AutoscalerSettings,
     JoinRate,
@@ -12,7 +13,9 @@ from services.stagemanager.autoscaler import (
 )
 from services.stagemanager.model import RoomRecord, StageRecord, StageState
 
-SETTINGS = AutoscalerSettings(soft_capacity=50, min_stages=1, max_stages_per_room=10, min_free_slots=10)
+# Browser fan-out (every Stage an origin), 10 Stages at most: the topology's own rules are in test_topology.
+BROWSER_FAN_OUT = CapacityLimits(soft_capacity=50, direct_stages=10, replicas_per_origin=0)
+SETTINGS = AutoscalerSettings(limits=BROWSER_FAN_OUT, min_stages=1, min_free_slots=10)
 
 
 def room_with(*states: StageState, publishing: bool = True) -> RoomRecord:
@@ -82,7 +85,7 @@ def test_scale_in_drains_the_emptiest_only_once_the_surplus_is_ripe() -> None:
 
 def test_never_below_the_minimum_stages() -> None:
     room = room_with(StageState.LIVE)
-    settings = AutoscalerSettings(soft_capacity=50, min_stages=1, min_free_slots=0)
+    settings = AutoscalerSettings(limits=BROWSER_FAN_OUT, min_stages=1, min_free_slots=0)
     assert plan_room(room, {}, 0, settings, surplus_ripe=True, may_create=True).drain is None
 
 

@@ -26,6 +26,11 @@ from services.stagemanager.config import read_settings as read_stagemanager
         ({"FANOUT_SHUTDOWN_GRACE_SECONDS": "nan"}, "FANOUT_SHUTDOWN_GRACE_SECONDS"),
         ({"FANOUT_IVS_ENDPOINT": "ftp://x"}, "FANOUT_IVS_ENDPOINT"),
         ({"FANOUT_MODE": "aws"}, "AWS_REGION"),
+        # IVS replicates one participant into at most 5 Stages, and nothing can make it 6.
+        ({"FANOUT_REPLICAS_PER_ORIGIN": "6"}, "FANOUT_REPLICAS_PER_ORIGIN"),
+        ({"FANOUT_DIRECT_STAGES": "0"}, "FANOUT_DIRECT_STAGES"),
+        ({"FANOUT_MIN_STAGES": "7"}, "FANOUT_MIN_STAGES"),  # more than 1 x (1 + 5)
+        ({"FANOUT_REGION_STAGE_QUOTA": "-1"}, "FANOUT_REGION_STAGE_QUOTA"),
     ],
 )
 def test_stage_manager_rejects_bad_values_naming_the_variable(environ: dict[str, str], variable: str) -> None:
@@ -61,7 +66,11 @@ def test_allocator_rejects_bad_values_naming_the_variable(environ: dict[str, str
 def test_defaults_are_the_designs() -> None:
     allocator = read_allocator({})
     stagemanager = read_stagemanager({})
-    assert allocator.placement.soft_capacity == 50
+    # One broadcaster reaches the region's 20,000 subscriptions: 1 origin and 5 replicas of 4,000.
+    assert allocator.placement.limits == stagemanager.rooms.limits == stagemanager.autoscaler.limits
+    limits = allocator.placement.limits
+    assert (limits.direct_stages, limits.replicas_per_origin) == (1, 5)
+    assert limits.soft_capacity * limits.topology_stages >= limits.region_subscription_quota == 20_000
     assert allocator.placement.hard_limit == 10_000
     assert allocator.placement.lease_seconds == 60
     assert allocator.self_signed and allocator.signing_key_file is not None

@@ -71,12 +71,13 @@ export const getPublisherTokens = (publisherKey, { room, userId } = {}) =>
   apiFetch('/api/token/publisher-all', { method: 'POST', publisherKey, body: { room, userId } });
 
 /** `keepalive` lets the report outlive the page (sendBeacon cannot carry the Authorization header). */
-export const reportPublishing = (publisherKey, room, stageArn, publishing, { keepalive = false } = {}) =>
+/** participantId (optional): the page's id on that Stage, which the stage manager replicates. */
+export const reportPublishing = (publisherKey, room, stageArn, publishing, { keepalive = false, participantId } = {}) =>
   apiFetch(`${roomPath(room)}/publisher/status`, {
     method: 'POST',
     publisherKey,
     keepalive,
-    body: { stageArn, publishing },
+    body: participantId ? { stageArn, publishing, participantId } : { stageArn, publishing },
   });
 
 export const getViewerToken = ({ room, userId } = {}) =>

@@ -66,7 +66,7 @@ export class BroadcastSession {
     this.fanout = new StageFanout({
       sdk: this.sdk,
       getTracks: this.getTracks,
-      onPublishing: (stageArn, publishing) => this.report(stageArn, publishing),
+      onPublishing: (stageArn, publishing, participantId) => this.report(stageArn, publishing, { participantId }),
       onProblem: (stageArn, problem) => this.problemChanged(stageArn, problem),
       onChange: () => this.handlers.onChange(),
     });
@@ -134,7 +134,7 @@ export class BroadcastSession {
     this.events.start();
   }
 
-  async report(stageArn, publishing, options) {
+  async report(stageArn, publishing, options = {}) {
     if (!this.publisherKey) return;
     try {
       await reportPublishing(this.publisherKey, this.room, stageArn, publishing, options);

@@ -15,7 +15,8 @@ export class StageFanout {
    * @param {object} options
    * @param {object} options.sdk  SDK namespace from loadStageSdk()
    * @param {() => MediaStreamTrack[]} options.getTracks  the live camera/microphone tracks to clone
-   * @param {(stageArn: string, publishing: boolean) => void} options.onPublishing  local publish state flips
+   * @param {(stageArn: string, publishing: boolean, participantId: string) => void} options.onPublishing
+   *   local publish state flips; participantId is this page's id there (what IVS replicates)
    * @param {(stageArn: string, problem: string|null) => void} options.onProblem  errors, lost connections
    * @param {() => void} options.onChange  anything in `stages` changed
    */
@@ -204,7 +205,7 @@ export class StageFanout {
   setPublished(entry, published) {
     if (entry.published === published) return;
     entry.published = published;
-    this.onPublishing(entry.stageArn, published);
+    this.onPublishing(entry.stageArn, published, entry.participantId);
   }
 
   setProblem(entry, problem) {

@@ -299,6 +299,7 @@ class RoomOccupancy(_message.Message):
     ROOM_FIELD_NUMBER: _builtins.int
     VIEWERS_FIELD_NUMBER: _builtins.int
     JOINS_TOTAL_FIELD_NUMBER: _builtins.int
+    CEILING_FIELD_NUMBER: _builtins.int
     room: _builtins.str
     viewers: _builtins.int
     """Live leases in the room."""
@@ -306,20 +307,55 @@ class RoomOccupancy(_message.Message):
     """Placements of new viewers since the allocator's store began (not renewals): the autoscaler
     derives the join rate from it.
     """
+    @_builtins.property
+    def ceiling(self) -> Global___RoomCeiling:
+        """The most this room can hold under the capacity plan (DESIGN.md §5), and the limit that binds."""
+
     def __init__(
         self,
         *,
         room: _builtins.str = ...,
         viewers: _builtins.int = ...,
         joins_total: _builtins.int = ...,
+        ceiling: Global___RoomCeiling | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ceiling", b"ceiling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["joins_total", b"joins_total", "room", b"room", "viewers", b"viewers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ceiling", b"ceiling", "joins_total", b"joins_total", "room", b"room", "viewers", b"viewers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RoomOccupancy: _TypeAlias = RoomOccupancy  # noqa: Y015
+
+@_typing.final
+class RoomCeiling(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VIEWERS_FIELD_NUMBER: _builtins.int
+    STAGES_FIELD_NUMBER: _builtins.int
+    BINDING_LIMIT_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    viewers: _builtins.int
+    stages: _builtins.int
+    binding_limit: _builtins.str
+    """topology, room_stages, stage_quota or region_subscriptions."""
+    description: _builtins.str
+    """A sentence naming the limit and the settings that move it."""
+    def __init__(
+        self,
+        *,
+        viewers: _builtins.int = ...,
+        stages: _builtins.int = ...,
+        binding_limit: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding_limit", b"binding_limit", "description", b"description", "stages", b"stages", "viewers", b"viewers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoomCeiling: _TypeAlias = RoomCeiling  # noqa: Y015
 
 @_typing.final
 class RegionOccupancy(_message.Message):

@@ -75,6 +75,34 @@ STAGE_ROLE_ORIGIN: StageRole.ValueType  # 1
 STAGE_ROLE_REPLICA: StageRole.ValueType  # 2
 Global___StageRole: _TypeAlias = StageRole  # noqa: Y015
 
+class _ReplicationState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReplicationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReplicationState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPLICATION_STATE_UNSPECIFIED: _ReplicationState.ValueType  # 0
+    """An origin: nothing to replicate."""
+    REPLICATION_STATE_WAITING: _ReplicationState.ValueType  # 1
+    """The origin has no publisher to replicate yet."""
+    REPLICATION_STATE_ACTIVE: _ReplicationState.ValueType  # 2
+    """IVS replicates the broadcaster into this Stage: it is LIVE."""
+    REPLICATION_STATE_STOPPED: _ReplicationState.ValueType  # 3
+    """It stopped, or IVS refused to start it; the stage manager repairs it (see replication_error)."""
+
+class ReplicationState(_ReplicationState, metaclass=_ReplicationStateEnumTypeWrapper):
+    """A replica Stage's feed from its origin through server-side replication (DESIGN.md §5)."""
+
+REPLICATION_STATE_UNSPECIFIED: ReplicationState.ValueType  # 0
+"""An origin: nothing to replicate."""
+REPLICATION_STATE_WAITING: ReplicationState.ValueType  # 1
+"""The origin has no publisher to replicate yet."""
+REPLICATION_STATE_ACTIVE: ReplicationState.ValueType  # 2
+"""IVS replicates the broadcaster into this Stage: it is LIVE."""
+REPLICATION_STATE_STOPPED: ReplicationState.ValueType  # 3
+"""It stopped, or IVS refused to start it; the stage manager repairs it (see replication_error)."""
+Global___ReplicationState: _TypeAlias = ReplicationState  # noqa: Y015
+
 @_typing.final
 class Stage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -87,6 +115,9 @@ class Stage(_message.Message):
     EVENTS_URL_FIELD_NUMBER: _builtins.int
     WHIP_URL_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    ORIGIN_INDEX_FIELD_NUMBER: _builtins.int
+    REPLICATION_FIELD_NUMBER: _builtins.int
+    REPLICATION_ERROR_FIELD_NUMBER: _builtins.int
     arn: _builtins.str
     """Empty while PROVISIONING or FAILED: IVS assigns the ARN."""
     room: _builtins.str
@@ -97,6 +128,11 @@ class Stage(_message.Message):
     events_url: _builtins.str
     """stage.endpoints.events / .whip from CreateStage or GetStage; token claims need them."""
     whip_url: _builtins.str
+    origin_index: _builtins.int
+    """For a replica: the index of the origin that feeds it, and the state of that feed."""
+    replication: Global___ReplicationState.ValueType
+    replication_error: _builtins.str
+    """Why the last attempt to start the replication failed; empty if none did."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -110,10 +146,13 @@ class Stage(_message.Message):
         events_url: _builtins.str = ...,
         whip_url: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        origin_index: _builtins.int = ...,
+        replication: Global___ReplicationState.ValueType = ...,
+        replication_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arn", b"arn", "created_at", b"created_at", "events_url", b"events_url", "index", b"index", "role", b"role", "room", b"room", "state", b"state", "whip_url", b"whip_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arn", b"arn", "created_at", b"created_at", "events_url", b"events_url", "index", b"index", "origin_index", b"origin_index", "replication", b"replication", "replication_error", b"replication_error", "role", b"role", "room", b"room", "state", b"state", "whip_url", b"whip_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

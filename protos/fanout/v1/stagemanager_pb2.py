@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.fanout.v1 import common_pb2 as protos_dot_fanout_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/fanout/v1/stagemanager.proto\x12\tfanout.v1\x1a\x1dprotos/fanout/v1/common.proto\"!\n\x11\x45nsureRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"V\n\x12\x45nsureRoomResponse\x12\x1d\n\x04room\x18\x01 \x01(\x0b\x32\x0f.fanout.v1.Room\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x10\n\x08revision\x18\x03 \x01(\x04\"\x1e\n\x0eGetRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"B\n\x0fGetRoomResponse\x12\x1d\n\x04room\x18\x01 \x01(\x0b\x32\x0f.fanout.v1.Room\x12\x10\n\x08revision\x18\x02 \x01(\x04\"\x12\n\x10ListRoomsRequest\"E\n\x11ListRoomsResponse\x12\x1e\n\x05rooms\x18\x01 \x03(\x0b\x32\x0f.fanout.v1.Room\x12\x10\n\x08revision\x18\x02 \x01(\x04\"\x1e\n\x0e\x45ndRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"\x11\n\x0f\x45ndRoomResponse\"S\n\x1cReportPublisherStatusRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x11\n\tstage_arn\x18\x02 \x01(\t\x12\x12\n\npublishing\x18\x03 \x01(\x08\"@\n\x1dReportPublisherStatusResponse\x12\x1f\n\x05stage\x18\x01 \x01(\x0b\x32\x10.fanout.v1.Stage\" \n\x10WatchRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"@\n\x0cRoomSnapshot\x12\x1e\n\x05rooms\x18\x01 \x03(\x0b\x32\x0f.fanout.v1.Room\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\"\x19\n\tRoomEnded\x12\x0c\n\x04room\x18\x01 \x01(\t\"\xa7\x02\n\tRoomEvent\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12+\n\x08snapshot\x18\x02 \x01(\x0b\x32\x17.fanout.v1.RoomSnapshotH\x00\x12\'\n\x0bstage_added\x18\x03 \x01(\x0b\x32\x10.fanout.v1.StageH\x00\x12)\n\rstage_changed\x18\x04 \x01(\x0b\x32\x10.fanout.v1.StageH\x00\x12)\n\rstage_removed\x18\x05 \x01(\x0b\x32\x10.fanout.v1.StageH\x00\x12*\n\nroom_ended\x18\x06 \x01(\x0b\x32\x14.fanout.v1.RoomEndedH\x00\x12\'\n\x0croom_changed\x18\x07 \x01(\x0b\x32\x0f.fanout.v1.RoomH\x00\x42\x07\n\x05\x65vent\"N\n\x19ReportObservationsRequest\x12\x31\n\x0cobservations\x18\x01 \x03(\x0b\x32\x1b.fanout.v1.StageObservation\"\x1c\n\x1aReportObservationsResponse2\xb6\x04\n\x0cStageManager\x12I\n\nEnsureRoom\x12\x1c.fanout.v1.EnsureRoomRequest\x1a\x1d.fanout.v1.EnsureRoomResponse\x12@\n\x07GetRoom\x12\x19.fanout.v1.GetRoomRequest\x1a\x1a.fanout.v1.GetRoomResponse\x12\x46\n\tListRooms\x12\x1b.fanout.v1.ListRoomsRequest\x1a\x1c.fanout.v1.ListRoomsResponse\x12@\n\x07\x45ndRoom\x12\x19.fanout.v1.EndRoomRequest\x1a\x1a.fanout.v1.EndRoomResponse\x12j\n\x15ReportPublisherStatus\x12\'.fanout.v1.ReportPublisherStatusRequest\x1a(.fanout.v1.ReportPublisherStatusResponse\x12\x61\n\x12ReportObservations\x12$.fanout.v1.ReportObservationsRequest\x1a%.fanout.v1.ReportObservationsResponse\x12@\n\tWatchRoom\x12\x1b.fanout.v1.WatchRoomRequest\x1a\x14.fanout.v1.RoomEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/fanout/v1/stagemanager.proto\x12\tfanout.v1\x1a\x1dprotos/fanout/v1/common.proto\"!\n\x11\x45nsureRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"V\n\x12\x45nsureRoomResponse\x12\x1d\n\x04room\x18\x01 \x01(\x0b\x32\x0f.fanout.v1.Room\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x10\n\x08revision\x18\x03 \x01(\x04\"\x1e\n\x0eGetRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"B\n\x0fGetRoomResponse\x12\x1d\n\x04room\x18\x01 \x01(\x0b\x32\x0f.fanout.v1.Room\x12\x10\n\x08revision\x18\x02 \x01(\x04\"\x12\n\x10ListRoomsRequest\"E\n\x11ListRoomsResponse\x12\x1e\n\x05rooms\x18\x01 \x03(\x0b\x32\x0f.fanout.v1.Room\x12\x10\n\x08revision\x18\x02 \x01(\x04\"\x1e\n\x0e\x45ndRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"\x11\n\x0f\x45ndRoomResponse\"k\n\x1cReportPublisherStatusRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x11\n\tstage_arn\x18\x02 \x01(\t\x12\x12\n\npublishing\x18\x03 \x01(\x08\x12\x16\n\x0eparticipant_id\x18\x04 \x01(\t\"@\n\x1dReportPublisherStatusResponse\x12\x1f\n\x05stage\x18\x01 \x01(\x0b\x32\x10.fanout.v1.Stage\" \n\x10WatchRoomRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"@\n\x0cRoomSnapshot\x12\x1e\n\x05rooms\x18\x01 \x03(\x0b\x32\x0f.fanout.v1.Room\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\"\x19\n\tRoomEnded\x12\x0c\n\x04room\x18\x01 \x01(\t\"\xa7\x02\n\tRoomEvent\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12+\n\x08snapshot\x18\x02 \x01(\x0b\x32\x17.fanout.v1.RoomSnapshotH\x00\x12\'\n\x0bstage_added\x18\x03 \x01(\x0b\x32\x10.fanout.v1.StageH\x00\x12)\n\rstage_changed\x18\x04 \x01(\x0b\x32\x10.fanout.v1.StageH\x00\x12)\n\rstage_removed\x18\x05 \x01(\x0b\x32\x10.fanout.v1.StageH\x00\x12*\n\nroom_ended\x18\x06 \x01(\x0b\x32\x14.fanout.v1.RoomEndedH\x00\x12\'\n\x0croom_changed\x18\x07 \x01(\x0b\x32\x0f.fanout.v1.RoomH\x00\x42\x07\n\x05\x65vent\"N\n\x19ReportObservationsRequest\x12\x31\n\x0cobservations\x18\x01 \x03(\x0b\x32\x1b.fanout.v1.StageObservation\"\x1c\n\x1aReportObservationsResponse2\xb6\x04\n\x0cStageManager\x12I\n\nEnsureRoom\x12\x1c.fanout.v1.EnsureRoomRequest\x1a\x1d.fanout.v1.EnsureRoomResponse\x12@\n\x07GetRoom\x12\x19.fanout.v1.GetRoomRequest\x1a\x1a.fanout.v1.GetRoomResponse\x12\x46\n\tListRooms\x12\x1b.fanout.v1.ListRoomsRequest\x1a\x1c.fanout.v1.ListRoomsResponse\x12@\n\x07\x45ndRoom\x12\x19.fanout.v1.EndRoomRequest\x1a\x1a.fanout.v1.EndRoomResponse\x12j\n\x15ReportPublisherStatus\x12\'.fanout.v1.ReportPublisherStatusRequest\x1a(.fanout.v1.ReportPublisherStatusResponse\x12\x61\n\x12ReportObservations\x12$.fanout.v1.ReportObservationsRequest\x1a%.fanout.v1.ReportObservationsResponse\x12@\n\tWatchRoom\x12\x1b.fanout.v1.WatchRoomRequest\x1a\x14.fanout.v1.RoomEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,21 +49,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENDROOMRESPONSE']._serialized_start=427
   _globals['_ENDROOMRESPONSE']._serialized_end=444
   _globals['_REPORTPUBLISHERSTATUSREQUEST']._serialized_start=446
-  _globals['_REPORTPUBLISHERSTATUSREQUEST']._serialized_end=529
-  _globals['_REPORTPUBLISHERSTATUSRESPONSE']._serialized_start=531
-  _globals['_REPORTPUBLISHERSTATUSRESPONSE']._serialized_end=595
-  _globals['_WATCHROOMREQUEST']._serialized_start=597
-  _globals['_WATCHROOMREQUEST']._serialized_end=629
-  _globals['_ROOMSNAPSHOT']._serialized_start=631
-  _globals['_ROOMSNAPSHOT']._serialized_end=695
-  _globals['_ROOMENDED']._serialized_start=697
-  _globals['_ROOMENDED']._serialized_end=722
-  _globals['_ROOMEVENT']._serialized_start=725
-  _globals['_ROOMEVENT']._serialized_end=1020
-  _globals['_REPORTOBSERVATIONSREQUEST']._serialized_start=1022
-  _globals['_REPORTOBSERVATIONSREQUEST']._serialized_end=1100
-  _globals['_REPORTOBSERVATIONSRESPONSE']._serialized_start=1102
-  _globals['_REPORTOBSERVATIONSRESPONSE']._serialized_end=1130
-  _globals['_STAGEMANAGER']._serialized_start=1133
-  _globals['_STAGEMANAGER']._serialized_end=1699
+  _globals['_REPORTPUBLISHERSTATUSREQUEST']._serialized_end=553
+  _globals['_REPORTPUBLISHERSTATUSRESPONSE']._serialized_start=555
+  _globals['_REPORTPUBLISHERSTATUSRESPONSE']._serialized_end=619
+  _globals['_WATCHROOMREQUEST']._serialized_start=621
+  _globals['_WATCHROOMREQUEST']._serialized_end=653
+  _globals['_ROOMSNAPSHOT']._serialized_start=655
+  _globals['_ROOMSNAPSHOT']._serialized_end=719
+  _globals['_ROOMENDED']._serialized_start=721
+  _globals['_ROOMENDED']._serialized_end=746
+  _globals['_ROOMEVENT']._serialized_start=749
+  _globals['_ROOMEVENT']._serialized_end=1044
+  _globals['_REPORTOBSERVATIONSREQUEST']._serialized_start=1046
+  _globals['_REPORTOBSERVATIONSREQUEST']._serialized_end=1124
+  _globals['_REPORTOBSERVATIONSRESPONSE']._serialized_start=1126
+  _globals['_REPORTOBSERVATIONSRESPONSE']._serialized_end=1154
+  _globals['_STAGEMANAGER']._serialized_start=1157
+  _globals['_STAGEMANAGER']._serialized_end=1723
 # @@protoc_insertion_point(module_scope)

@@ -187,19 +187,25 @@ class ReportPublisherStatusRequest(_message.Message):
     ROOM_FIELD_NUMBER: _builtins.int
     STAGE_ARN_FIELD_NUMBER: _builtins.int
     PUBLISHING_FIELD_NUMBER: _builtins.int
+    PARTICIPANT_ID_FIELD_NUMBER: _builtins.int
     room: _builtins.str
     stage_arn: _builtins.str
     publishing: _builtins.bool
+    participant_id: _builtins.str
+    """The page's participant id on that Stage (its publisher token's participantId): what the stage
+    manager replicates into the origin's replicas. Optional; without it the stage manager asks IVS.
+    """
     def __init__(
         self,
         *,
         room: _builtins.str = ...,
         stage_arn: _builtins.str = ...,
         publishing: _builtins.bool = ...,
+        participant_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["publishing", b"publishing", "room", b"room", "stage_arn", b"stage_arn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["participant_id", b"participant_id", "publishing", b"publishing", "room", b"room", "stage_arn", b"stage_arn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
