@@ -18,10 +18,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.fanout.v1 import allocator_pb2, allocator_pb2_grpc, stagemanager_pb2_grpc
+from protos.fanout.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2, stagemanager_pb2_grpc
 from protos.fanout.v1 import stagemanager_pb2 as pb
 from services.allocator.server import AllocatorService
 from services.ivslocal.config import Settings as IvsSettings
+from tests.integration.ivs_publisher import EmulatorPublisher
 from tests.integration.ivslocal_fixtures import IvsLocalServer, running_ivslocal
 from tests.integration.system import free_port, service_env, start_allocator_for, wait_until_serving
 from tests.integration.waiting import eventually
@@ -309,3 +310,75 @@ async def test_a_room_being_ended_stays_ended_after_a_kill(
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     assert cluster.ivs.stats.calls["CreateStage"] == created, "nothing revived the ended room"
     assert len(stays) == 10
+
+
+async def test_a_restart_keeps_the_topology_and_its_replications(
+    tmp_path: Path, private_redis: RedisServer
+) -> None:
+    """Roles and origins come back from the tags; the replications IVS still runs are found, not
+    started twice, and the replicas are LIVE again once the origin's publisher is seen."""
+    topology = {
+        "FANOUT_DIRECT_STAGES": "1",
+        "FANOUT_REPLICAS_PER_ORIGIN": "5",
+        "FANOUT_MIN_STAGES": "6",
+        "FANOUT_REPLICATION_CHECK_SECONDS": "1",
+    }
+    async with running_cluster(tmp_path, private_redis, **topology) as cluster:
+        room = (await cluster.rooms.EnsureRoom(pb.EnsureRoomRequest(room="main"), timeout=30)).room
+        origin = next(s for s in room.stages if s.role == common_pb2.STAGE_ROLE_ORIGIN)
+        token = (
+            await cluster.allocator.IssuePublisherTokens(
+                allocator_pb2.IssuePublisherTokensRequest(room="main", user_id="broadcaster"), timeout=10
+            )
+        ).tokens
+        assert [t.token.stage_arn for t in token] == [origin.arn]  # only the origin is published to
+        publisher = await EmulatorPublisher(
+            {
+                "stageArn": origin.arn,
+                "token": token[0].token.token,
+                "participantId": token[0].token.participant_id,
+            }
+        ).publish()
+        await cluster.rooms.ReportPublisherStatus(
+            pb.ReportPublisherStatusRequest(
+                room="main", stage_arn=origin.arn, publishing=True, participant_id=publisher.participant_id
+            ),
+            timeout=10,
+        )
+
+        def replications() -> dict[str, tuple[str, int]]:
+            """Destination -> (state, sequence number): a replication started again gets a new one."""
+            source = cluster.ivs.state
+            return {
+                r.destination_stage_arn: (r.state, r.seq)
+                for r in source.list_participant_replicas(origin.arn, publisher.participant_id).items
+            }
+
+        await eventually(lambda: len(replications()) == 5, what="five replications", within=15)
+        before = {s["arn"]: s["tags"] for s in cluster.ivs_stages()}
+        replicated = replications()
+        assert {state for state, _ in replicated.values()} == {"ACTIVE"}
+
+        await cluster.restart_stagemanager()
+        await eventually(
+            lambda: serving(cluster.stagemanager.address), what="the restarted stage manager", within=30
+        )
+        # What the monitor would report: the broadcaster still publishes on the origin.
+        seen = common_pb2.StageObservation(room="main", stage_arn=origin.arn, publishers=1)
+        seen.observed_at.GetCurrentTime()
+        await cluster.rooms.ReportObservations(pb.ReportObservationsRequest(observations=[seen]), timeout=10)
+
+        async def replicas_live() -> bool:
+            room = (await cluster.rooms.GetRoom(pb.GetRoomRequest(room="main"), timeout=10)).room
+            replicas = [s for s in room.stages if s.role == common_pb2.STAGE_ROLE_REPLICA]
+            return len(replicas) == 5 and all(
+                s.replication == common_pb2.REPLICATION_STATE_ACTIVE
+                and s.state == common_pb2.STAGE_STATE_LIVE
+                and s.origin_index == origin.index
+                for s in replicas
+            )
+
+        await eventually(replicas_live, what="the replicas LIVE again under their origin", within=30)
+        assert {s["arn"]: s["tags"] for s in cluster.ivs_stages()} == before  # nothing made or lost
+        assert replications() == replicated  # the same five, never stopped nor started again
+        await publisher.leave()
