@@ -15,7 +15,7 @@ from services.common.capacity import CapacityLimits, room_ceiling
 from services.common.errors import FanoutError
 from services.stagemanager.inventory import Inventory
 from services.stagemanager.metrics import StageManagerMetrics
-from services.stagemanager.model import ACTIVE_STATES, RoomRecord, StageRecord, StageState
+from services.stagemanager.model import ACTIVE_STATES, Replication, RoomRecord, StageRecord, StageState
 from services.stagemanager.rooms import RoomManager
 from services.stagemanager.topology import drain_candidates, emptiest, placed
 
@@ -91,9 +91,13 @@ def lead_time(room: RoomRecord, default: float, samples: int = 5) -> float:
 
 
 def free_slots(room: RoomRecord, viewers: Mapping[str, int], capacity: int) -> int:
-    """Soft capacity of the Stages that take viewers now or soon, minus the viewers on them."""
+    """Soft capacity of the Stages that take viewers now or soon, minus the viewers on them. A
+    replica whose replication IVS refused takes nobody until it is repaired, so it counts as full."""
     active = [s for s in room.stages.values() if s.state in ACTIVE_STATES]
-    return capacity * len(active) - sum(viewers.get(s.arn, 0) for s in active if s.arn)
+    takes = [
+        s for s in active if not (s.replication is Replication.STOPPED and s.state is not StageState.LIVE)
+    ]
+    return capacity * len(takes) - sum(viewers.get(s.arn, 0) for s in takes if s.arn)
 
 
 def wanted_free_slots(join_rate: float, lead_seconds: float, settings: AutoscalerSettings) -> float:

@@ -4,8 +4,8 @@ which limit sets a room's ceiling (DESIGN.md §5)."""
 from __future__ import annotations
 
 from services.common.capacity import CapacityLimits, Limit, room_ceiling
-from services.stagemanager.autoscaler import AutoscalerSettings, plan_room
-from services.stagemanager.model import ORIGIN, REPLICA, RoomRecord, StageRecord, StageState
+from services.stagemanager.autoscaler import AutoscalerSettings, free_slots, plan_room
+from services.stagemanager.model import ORIGIN, REPLICA, Replication, RoomRecord, StageRecord, StageState
 from services.stagemanager.topology import Slot, drain_candidates, next_slot
 
 ONE_ORIGIN = CapacityLimits(soft_capacity=10, stage_hard_limit=20, direct_stages=1, replicas_per_origin=5)
@@ -104,6 +104,15 @@ def test_the_autoscaler_drains_a_replica_not_the_emptier_origin() -> None:
     replica = add(room, REPLICA, origin.index)
     plan = plan_room(room, {origin.arn: 0, replica.arn: 3}, 0, settings, surplus_ripe=True, may_create=True)
     assert plan.drain is replica
+
+
+def test_a_replica_whose_replication_is_refused_counts_as_full() -> None:
+    room = RoomRecord(room="main", created_at=0.0)
+    origin = add(room, ORIGIN)
+    replica = add(room, REPLICA, origin.index, state=StageState.STANDBY)
+    assert free_slots(room, {origin.arn: 4}, 10) == 10 + 10 - 4
+    replica.replication = Replication.STOPPED
+    assert free_slots(room, {origin.arn: 4}, 10) == 10 - 4
 
 
 def test_defaults_let_one_broadcaster_reach_the_regional_quota() -> None:
