@@ -4,7 +4,7 @@
 import { getConfig, getRoom } from './api.js';
 import { BroadcastSession } from './broadcast-session.js';
 import { loadStageSdk } from './sdk.js';
-import { renderStagesTable } from './stages-table.js';
+import { renderCeiling, renderStagesTable } from './stages-table.js';
 import {
   ROOM_PATTERN,
   byId,
@@ -37,6 +37,7 @@ const els = {
   previewNote: byId('preview-note'),
   roomName: byId('room-name'),
   roomSummary: byId('room-summary'),
+  roomCeiling: byId('room-ceiling'),
   stagesBody: byId('stages-body'),
 };
 
@@ -280,6 +281,7 @@ function renderStages() {
   const stages = lastRoomAnswer ? lastRoomAnswer.stages : [];
   view.roomStages = stages;
   renderStagesTable(els.stagesBody, stages, local, els.stagesBody.dataset.empty || 'No Stages yet.');
+  renderCeiling(els.roomCeiling, lastRoomAnswer);
 }
 
 async function refreshRoom() {
@@ -296,8 +298,9 @@ async function refreshRoom() {
   try {
     lastRoomAnswer = await getRoom(room);
     missingRoom = null;
-    const count = lastRoomAnswer.stages.length;
-    els.roomSummary.textContent = `${lastRoomAnswer.viewers} viewer(s) on ${count} Stage(s). Updated ${new Date().toLocaleTimeString()}.`;
+    const { viewers, stages, origins, replicas } = lastRoomAnswer;
+    const topology = replicas ? ` (${origins} origin(s), ${replicas} replica(s))` : '';
+    els.roomSummary.textContent = `${viewers} viewer(s) on ${stages.length} Stage(s)${topology}. Updated ${new Date().toLocaleTimeString()}.`;
     els.stagesBody.dataset.empty = 'No Stages yet.';
   } catch (error) {
     lastRoomAnswer = null;
