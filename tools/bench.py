@@ -28,10 +28,13 @@ How to read the output:
    without the generator's CPU, the room at the end, and each service's CPU seconds since it started.
    A WARNING line means other processes took CPU during the run: the figures then understate the
    system, so rerun on a quiet machine. Figures vary by about 10 % from run to run.
-6. join storm: a second, fresh system under a burst of new viewers; tools/bench_storm.py explains it.
+6. join storm: fresh systems under a burst of new viewers, once with the fan-out topology (1 origin x 5
+   replicas) and once with browser fan-out, each with a broadcaster that really publishes in the
+   emulator; per scenario the refusals, the Stages per 1,000 viewers, the Stages the broadcaster
+   publishes to against those it reaches, and the room's binding limit. tools/bench_storm.py explains it.
 
 Options: --seconds (per level), --levels (closed-loop concurrencies), --keep (keep the temp dir),
---no-storm (skip step 6).
+--no-storm (skip step 6), --storm-only (step 6 alone).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Run:
     seconds: float
     keep: bool
     storm: bool = True
+    tokens: bool = True
 
 
 async def main_async(run: Run) -> int:
@@ -62,7 +66,7 @@ async def main_async(run: Run) -> int:
     task = asyncio.current_task()
     if task is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    code = await run_bench(run.levels, run.seconds, run.keep)
+    code = await run_bench(run.levels, run.seconds, run.keep) if run.tokens else 0
     if code == 0 and run.storm:
         code = await run_storm(run.keep)
     return code
@@ -81,10 +85,19 @@ def parse_args(argv: Sequence[str] | None = None) -> Run:
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary state dir and logs")
     parser.add_argument("--no-storm", action="store_true", help="skip the join-storm scenario")
+    parser.add_argument("--storm-only", action="store_true", help="run the join-storm scenario alone")
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.seconds > 60 or not args.levels or min(args.levels) < 1:
         parser.error("--seconds must be in (0, 60] and every level at least 1")
-    return Run(levels=args.levels, seconds=args.seconds, keep=args.keep, storm=not args.no_storm)
+    if args.no_storm and args.storm_only:
+        parser.error("--no-storm and --storm-only exclude each other")
+    return Run(
+        levels=args.levels,
+        seconds=args.seconds,
+        keep=args.keep,
+        storm=not args.no_storm,
+        tokens=not args.storm_only,
+    )
 
 
 def main() -> None:
