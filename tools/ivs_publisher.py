@@ -172,24 +172,7 @@ class IvsPublisher:
 
     async def _join_and_publish(self, arn: str, token: str) -> PublishedStage:
         assert self._http is not None
-        _, claims = decode_unverified(token)
-        ws = await self._http.ws_connect(str(claims["events_url"]))
-        try:
-            await ws.send_json({"type": "join", "token": token})
-            joined = await _next_frame(ws, lambda frame: frame["type"] == "joined")
-            participant_id = str(joined["participant"]["id"])
-            await ws.send_json({"type": "publish"})
-            await _next_frame(
-                ws,
-                lambda frame: (
-                    frame["type"] == "publish-state"
-                    and frame.get("participantId") == participant_id
-                    and frame.get("publishing") is True
-                ),
-            )
-        except BaseException:
-            await ws.close()
-            raise
+        ws, participant_id = await join_and_publish(self._http, token)
         published = PublishedStage(arn, participant_id, time.monotonic())
         link = _StageLink(ws, published)
         link.reader = asyncio.create_task(self._read_until_closed(arn, link))
@@ -241,6 +224,32 @@ class IvsPublisher:
     def _problem(self, text: str) -> None:
         log.warning("broadcaster in room %s: %s", self._room, text)
         self.problems.append(text)
+
+
+async def join_and_publish(
+    http: aiohttp.ClientSession, token: str
+) -> tuple[aiohttp.ClientWebSocketResponse, str]:
+    """Joins the token's Stage over the emulator's events socket and publishes; returns the open
+    socket (closing it leaves the Stage) and the participant id, once the emulator says it publishes."""
+    _, claims = decode_unverified(token)
+    ws = await http.ws_connect(str(claims["events_url"]))
+    try:
+        await ws.send_json({"type": "join", "token": token})
+        joined = await _next_frame(ws, lambda frame: frame["type"] == "joined")
+        participant_id = str(joined["participant"]["id"])
+        await ws.send_json({"type": "publish"})
+        await _next_frame(
+            ws,
+            lambda frame: (
+                frame["type"] == "publish-state"
+                and frame.get("participantId") == participant_id
+                and frame.get("publishing") is True
+            ),
+        )
+    except BaseException:
+        await ws.close()
+        raise
+    return ws, participant_id
 
 
 async def _next_frame(

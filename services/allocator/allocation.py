@@ -179,7 +179,7 @@ class Allocator:
         if region >= settings.region_subscription_quota:
             ceiling = room_ceiling(settings.limits, room, other_rooms_viewers=region)
             raise NoCapacity(
-                ceiling.describe(), code="capacity_exhausted", retry_after=settings.no_capacity_retry_after
+                ceiling.refusal(), code="capacity_exhausted", retry_after=settings.no_capacity_retry_after
             )
         ceiling = self.ceiling(room, region, 0)
         stages = self._inventory.stages(room)
@@ -188,7 +188,7 @@ class Allocator:
         coming = [stage for stage in stages if stage.state == "STANDBY" and stage.arn not in eligible]
         if len(stages) >= ceiling.stages and not coming:
             raise NoCapacity(
-                ceiling.describe(), code="capacity_exhausted", retry_after=settings.no_capacity_retry_after
+                ceiling.refusal(), code="capacity_exhausted", retry_after=settings.no_capacity_retry_after
             )
         raise NoCapacity(
             f"room {room} has no Stage that can take another viewer yet; more are coming",

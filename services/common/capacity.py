@@ -56,9 +56,16 @@ class Ceiling:
     limits: CapacityLimits
 
     def describe(self) -> str:
-        """A sentence for an operator: the ceiling, the limit, and the settings that move it."""
+        """For room info: the ceiling, the limit that sets it, and the settings that move it."""
+        return f"room {self.room} can hold {self.viewers} viewers, set by {self.reason()}"
+
+    def refusal(self) -> str:
+        """For a viewer turned away at the ceiling: the same limit, named."""
+        return f"room {self.room} is at its ceiling of {self.viewers} viewers: {self.reason()}"
+
+    def reason(self) -> str:
         limits = self.limits
-        reason = {
+        return {
             Limit.TOPOLOGY: (
                 f"{limits.direct_stages} origin(s) x (1 + {limits.replicas_per_origin} replicas) Stages x "
                 f"{limits.stage_hard_limit} viewers per Stage (FANOUT_DIRECT_STAGES, "
@@ -77,7 +84,6 @@ class Ceiling:
                 "in every room together, FANOUT_REGION_SUBSCRIPTION_QUOTA); ask AWS to raise it"
             ),
         }[self.binding]
-        return f"room {self.room} is at its ceiling of {self.viewers} viewers: {reason}"
 
 
 def room_ceiling(

@@ -125,6 +125,8 @@ def test_the_ceiling_names_the_limit_that_binds() -> None:
     topology = room_ceiling(ONE_ORIGIN, "main")
     assert (topology.stages, topology.viewers, topology.binding) == (6, 120, Limit.TOPOLOGY)
     assert "FANOUT_REPLICAS_PER_ORIGIN" in topology.describe() and "120 viewers" in topology.describe()
+    # Room info says what the room can hold; only a refusal says it is at its ceiling.
+    assert "can hold" in topology.describe() and "at its ceiling" in topology.refusal()
     other_rooms = room_ceiling(ONE_ORIGIN, "main", other_rooms_viewers=19_950)
     assert (other_rooms.viewers, other_rooms.binding) == (50, Limit.REGION_SUBSCRIPTIONS)
     stage_quota = room_ceiling(
