@@ -16,6 +16,7 @@ from services.common.logs import protect_websocket_tokens
 from services.ivslocal import wire
 from services.ivslocal.config import Settings
 from services.ivslocal.errors import IvsApiError, ThrottlingError, UnknownOperationError, ValidationError
+from services.ivslocal.eventbridge import SqsEventSender, forward_stage_updates, make_sqs_client
 from services.ivslocal.events import SOCKETS_KEY, StageSockets, events_handler
 from services.ivslocal.model import IvsState, stage_endpoints
 from services.ivslocal.ratelimit import CallStats, RateLimiter
@@ -327,6 +328,27 @@ async def _settle_periodically(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+def _stage_update_events(
+    settings: Settings, queue_url: str
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Sends the `IVS Stage Update` events to the queue while the app runs."""
+
+    async def send(app: web.Application) -> AsyncIterator[None]:
+        sender = SqsEventSender(
+            make_sqs_client(settings.events_sqs_region, settings.events_sqs_endpoint), queue_url
+        )
+        sender.start()
+        stop_forwarding = forward_stage_updates(app[STATE_KEY], sender)
+        log.info("sending IVS Stage Update events to %s", queue_url)
+        try:
+            yield
+        finally:
+            stop_forwarding()
+            await sender.close()
+
+    return send
+
+
 def create_app(
     settings: Settings, state: IvsState | None = None, *, stats: CallStats | None = None
 ) -> web.Application:
@@ -342,6 +364,9 @@ def create_app(
         )
     app[SOCKETS_KEY] = StageSockets(app[STATE_KEY])
     app.on_shutdown.append(_close_sockets)
+    if settings.events_sqs_queue_url:
+        # First in, so last out: the changes made while the app shuts down are still sent.
+        app.cleanup_ctx.append(_stage_update_events(settings, settings.events_sqs_queue_url))
     app.cleanup_ctx.append(_settle_periodically)
     app.router.add_get("/_emulator/stats", stats_handler)
     app.router.add_get("/_emulator/token-key", token_key_handler)

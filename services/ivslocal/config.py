@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.common.env import Env
+from services.common.env import ConfigError, Env
 
 # The emulator pretends to be one account in one region; ARNs and token checks use these.
 REGION = "us-east-1"
@@ -14,6 +14,8 @@ ACCOUNT_ID = "123456789012"
 # Fixed IVS quotas (ivs-facts §3): not adjustable in AWS, so not settings here either.
 PUBLISHERS_PER_STAGE = 12
 PUBLIC_KEY_QUOTA = 3
+
+_URL = r"https?://[^\s]+"
 
 
 @dataclass(frozen=True)
@@ -32,11 +34,22 @@ class Settings:
     rate_scale: float = 1.0
     # IVS ends a session a few minutes after the last participant leaves; locally nobody wants to wait.
     session_end_delay_seconds: float = 0.0
+    # Where the `IVS Stage Update` events go, as an EventBridge rule with an SQS target would deliver
+    # them (services.ivslocal.eventbridge); None sends none. The endpoint is for a local SQS (moto).
+    events_sqs_queue_url: str | None = None
+    events_sqs_endpoint: str | None = None
+    events_sqs_region: str = REGION
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Reads and validates the settings; raises ConfigError naming the bad variable."""
     env = Env(environ)
+    queue_url = env.str("FANOUT_IVSLOCAL_EVENTS_SQS_QUEUE_URL", "", pattern=_URL) or None
+    endpoint = env.str("FANOUT_IVSLOCAL_EVENTS_SQS_ENDPOINT", "", pattern=_URL) or None
+    if endpoint and not queue_url:
+        raise ConfigError(
+            "FANOUT_IVSLOCAL_EVENTS_SQS_ENDPOINT is set but FANOUT_IVSLOCAL_EVENTS_SQS_QUEUE_URL is not"
+        )
     return Settings(
         host=env.str("FANOUT_IVSLOCAL_HOST", "127.0.0.1"),
         port=env.int("FANOUT_IVSLOCAL_PORT", 8099, minimum=0, maximum=65535),
@@ -47,4 +60,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         session_end_delay_seconds=env.float(
             "FANOUT_IVSLOCAL_SESSION_END_DELAY_SECONDS", 0.0, minimum=0.0, maximum=3600.0
         ),
+        events_sqs_queue_url=queue_url,
+        events_sqs_endpoint=endpoint,
+        events_sqs_region=env.str("FANOUT_IVSLOCAL_EVENTS_SQS_REGION", REGION, pattern=r"[a-z0-9-]+"),
     )

@@ -270,6 +270,8 @@ class ParticipantChange:
     kind: Literal["joined", "left", "published", "unpublished", "replication-started", "replication-stopped"]
     # For the replication kinds: the source participant (the replica is replication.replica).
     participant: Participant
+    # When it happened by the model's clock: the event_time IVS would stamp on its event.
+    time: datetime
     # For "left": the web SDK's StageLeftReason, e.g. user-initiated, participant-disconnected, stage-deleted.
     reason: str | None = None
     replication: Replication | None = None
@@ -780,9 +782,9 @@ class IvsState:
             destination_session_id=destination_session.session_id,
         )
         self._record(replica, "JOINED", now)
-        self._notify(ParticipantChange("joined", replica))
+        self._notify(ParticipantChange("joined", replica, now))
         self._set_publishing(replica, True, now)
-        self._notify(ParticipantChange("replication-started", source, replication=replication))
+        self._notify(ParticipantChange("replication-started", source, now, replication=replication))
         log.info("replicating %s from %s to %s", participant_id, source_stage_arn, destination_stage_arn)
         return replication
 
@@ -884,7 +886,7 @@ class IvsState:
                 destination_stage_arn=replication.destination_stage_arn,
                 destination_session_id=replication.destination_session_id,
             )
-            self._notify(ParticipantChange("replication-stopped", source, replication=replication))
+            self._notify(ParticipantChange("replication-stopped", source, now, replication=replication))
         log.info(
             "stopped replicating %s from %s to %s (%s)",
             replication.participant_id,
@@ -1019,7 +1021,7 @@ class IvsState:
             participant.state = CONNECTED
         session.adjust_counts(participant, +1)
         self._record(participant, "JOINED", now)
-        self._notify(ParticipantChange("joined", participant))
+        self._notify(ParticipantChange("joined", participant, now))
         return participant
 
     def _start_session(self, stage: Stage, now: datetime) -> StageSession:
@@ -1057,7 +1059,7 @@ class IvsState:
         participant.publishing = publishing
         participant.published = participant.published or publishing
         self._record(participant, "PUBLISH_STARTED" if publishing else "PUBLISH_STOPPED", now)
-        self._notify(ParticipantChange("published" if publishing else "unpublished", participant))
+        self._notify(ParticipantChange("published" if publishing else "unpublished", participant, now))
         if participant.is_replica:
             return
         for replication in self._replications_of(participant.stage_arn, participant.participant_id):
@@ -1118,7 +1120,7 @@ class IvsState:
         session.adjust_counts(participant, -1)
         participant.state = DISCONNECTED
         self._record(participant, "LEFT", now)
-        self._notify(ParticipantChange("left", participant, reason))
+        self._notify(ParticipantChange("left", participant, now, reason))
         if session.connected_count == 0:
             session.idle_since = now
             self._idle_sessions[session.session_id] = (stage, session)

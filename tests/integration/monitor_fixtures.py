@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import boto3
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from moto.server import ThreadedMotoServer
 from prometheus_client import CollectorRegistry
 
 from services.common.ivs_calls import make_ivs_client
@@ -16,6 +19,7 @@ from services.monitor.server import MonitorService, start_monitor
 from services.monitor.sqs import make_sqs_client
 from tests.integration.system import System
 from tests.integration.waiting import eventually
+from tests.ports import free_port
 
 
 @dataclass
@@ -70,3 +74,30 @@ async def running_monitor(system: System, **overrides: str) -> AsyncIterator[Run
         await service.stop(0.1)
         await allocator_channel.close()
         await stagemanager_channel.close()
+
+
+@dataclass
+class LocalSqsQueue:
+    endpoint: str
+    url: str
+    client: Any
+
+
+@contextlib.contextmanager
+def running_sqs_queue(port: int | None = None, name: str = "ivs-stage-events") -> Iterator[LocalSqsQueue]:
+    """A real SQS API over HTTP on loopback (moto's server, on `port` if given), with one empty queue."""
+    port = port or free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.session.Session().client(
+        "sqs",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+    )
+    try:
+        yield LocalSqsQueue(endpoint, client.create_queue(QueueName=name)["QueueUrl"], client)
+    finally:
+        server.stop()
