@@ -8,20 +8,32 @@ A ticket is a JWT with these claims (DESIGN §7, "Admission by the host app"):
 
 The accepted algorithm comes from the key, never from the ticket's header alone: HS256 for the shared
 secret; RS256 for RSA and ES256 for P-256 keys of a JWKS. `none` is never accepted.
+
+Every ticket presented gets one outcome in fanout_gateway_tickets_total{role, outcome}: `accepted`, or
+the first reason it was refused (TICKET_OUTCOMES). The answer to the client stays the same for every
+invalid ticket; only the metric tells `expired` and `unknown_key` from `invalid`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
-from jwt.exceptions import PyJWKClientConnectionError, PyJWKClientError, PyJWKSetError, PyJWTError
+from jwt.exceptions import (
+    ExpiredSignatureError,
+    PyJWKClientConnectionError,
+    PyJWKClientError,
+    PyJWKSetError,
+    PyJWTError,
+)
 
 from gateway.auth import PublisherAuth
 from gateway.errors import ApiError, InvalidArgument, Unauthorized
@@ -29,12 +41,26 @@ from gateway.validation import parse_room, parse_user_id
 
 if TYPE_CHECKING:
     from gateway.config import GatewaySettings
+    from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
 VIEWER = "viewer"
 PUBLISHER = "publisher"
 _ROLES = frozenset({VIEWER, PUBLISHER})
+# Outcomes of fanout_gateway_tickets_total. `missing`: a viewer endpoint in jwt mode got no ticket.
+TICKET_OUTCOMES = (
+    "accepted",
+    "missing",
+    "expired",
+    "invalid",
+    "unknown_key",
+    "wrong_room",
+    "wrong_role",
+    "wrong_subject",
+    "keys_unavailable",
+)
+JWKS_REFRESH_OUTCOMES = ("ok", "failed")
 _REQUIRED_CLAIMS = ["exp", "sub", "room", "role"]
 # The one place a key type decides its algorithm.
 _ALGORITHMS_BY_KEY_TYPE: Mapping[str, str] = {"RSA": "RS256", "EC": "ES256"}
@@ -45,10 +71,12 @@ _TICKET_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="fanout", error="invalid_
 
 class InvalidTicket(ApiError):
     """Bad signature, expired, malformed, unknown key, wrong algorithm or claims: one answer for all,
-    so the answer teaches a forger nothing."""
+    so the answer teaches a forger nothing. `reason` (`invalid`, `expired`, `unknown_key`) is for
+    the metrics only and never reaches the client."""
 
-    def __init__(self) -> None:
+    def __init__(self, reason: str = "invalid") -> None:
         super().__init__(401, "invalid_ticket", "The admission ticket is not valid.", _TICKET_CHALLENGE)
+        self.reason = reason
 
 
 class TicketRequired(ApiError):
@@ -66,6 +94,7 @@ class TicketMismatch(ApiError):
 
     def __init__(self, what: str) -> None:
         super().__init__(403, f"ticket_{what}_mismatch", f"The admission ticket is not for this {what}.")
+        self.what = what
 
 
 class TicketKeysUnavailable(ApiError):
@@ -139,7 +168,9 @@ class JwksFileKeys:
 
     async def key_for(self, header: Mapping[str, Any]) -> tuple[Any, list[str]]:
         key = self._keys.get(_kid(header))
-        usable = _usable(key) if key is not None else None
+        if key is None:
+            raise InvalidTicket("unknown_key")
+        usable = _usable(key)
         if usable is None:
             raise InvalidTicket()
         return usable
@@ -157,14 +188,46 @@ def load_jwks_file(path: Path) -> list[jwt.PyJWK]:
 _UNAVAILABLE = object()
 
 
+class _CountingJwkClient(jwt.PyJWKClient):
+    """PyJWKClient that reports every fetch of the key set: `ok`, or `failed` when the endpoint cannot
+    be reached or answers something without a usable key."""
+
+    def __init__(self, url: str, metrics: GatewayMetrics, **options: Any) -> None:
+        super().__init__(url, **options)
+        self._metrics = metrics
+        # Lookups run on worker threads, so whether this call fetched is per thread.
+        self._fetched = threading.local()
+
+    def fetch_data(self) -> Any:
+        self._fetched.value = True
+        return super().fetch_data()
+
+    def get_jwk_set(self, refresh: bool = False) -> jwt.PyJWKSet:
+        self._fetched.value = False
+        try:
+            jwk_set = super().get_jwk_set(refresh)
+        except Exception:
+            if self._fetched.value:
+                self._metrics.jwks_refreshes.labels("failed").inc()
+            raise
+        if self._fetched.value:
+            self._metrics.jwks_refreshes.labels("ok").inc()
+        return jwk_set
+
+
 class JwksUrlKeys:
     """The host app's JWKS endpoint through PyJWKClient: the set is cached for `cache_seconds`, an
     unknown kid refetches it (so a newly published key works without a restart), but at most once per
     `min_refetch_seconds`, and a failing endpoint is not retried sooner either."""
 
-    def __init__(self, url: str, *, cache_seconds: float, min_refetch_seconds: float) -> None:
-        self._client = jwt.PyJWKClient(
+    def __init__(
+        self, url: str, *, cache_seconds: float, min_refetch_seconds: float, metrics: GatewayMetrics
+    ) -> None:
+        for outcome in JWKS_REFRESH_OUTCOMES:
+            metrics.jwks_refreshes.labels(outcome)
+        self._client = _CountingJwkClient(
             url,
+            metrics,
             cache_jwk_set=True,
             lifespan=cache_seconds,
             cooldown_duration=min_refetch_seconds,
@@ -189,7 +252,7 @@ class JwksUrlKeys:
             raise TicketKeysUnavailable()
         self._failed_at = None
         if not isinstance(outcome, jwt.PyJWK):
-            raise InvalidTicket()
+            raise InvalidTicket("unknown_key")
         return self._usable_or_refuse(outcome)
 
     @staticmethod
@@ -244,7 +307,9 @@ class TicketVerifier:
         except PyJWTError as error:
             # The reason's category only: the error text may quote the ticket.
             log.debug("refused an admission ticket: %s", type(error).__name__)
-            raise InvalidTicket() from None
+            # PyJWT checks the signature before the claims: only a genuine ticket can be `expired`.
+            reason = "expired" if isinstance(error, ExpiredSignatureError) else "invalid"
+            raise InvalidTicket(reason) from None
         return _ticket_from(claims)
 
 
@@ -261,7 +326,7 @@ def _ticket_from(claims: Mapping[str, Any]) -> Ticket:
     return Ticket(room=room, subject=subject, role=role)
 
 
-def build_ticket_verifier(settings: GatewaySettings) -> TicketVerifier | None:
+def build_ticket_verifier(settings: GatewaySettings, metrics: GatewayMetrics) -> TicketVerifier | None:
     """The verifier for the configured key source, or None when tickets are not configured."""
     keys: _KeySource
     if settings.ticket_secret:
@@ -271,6 +336,7 @@ def build_ticket_verifier(settings: GatewaySettings) -> TicketVerifier | None:
             settings.ticket_jwks_url,
             cache_seconds=settings.ticket_jwks_cache_seconds,
             min_refetch_seconds=settings.ticket_jwks_min_refetch_seconds,
+            metrics=metrics,
         )
     elif settings.ticket_jwks_file is not None:
         keys = JwksFileKeys(settings.ticket_jwks_file)
@@ -296,23 +362,40 @@ def _bearer(authorization_header: str | None) -> str | None:
 
 class Admission:
     """Who may ask for viewer tokens and act as a publisher: static publisher keys, and tickets when a
-    verifier is configured (required of viewers only in FANOUT_VIEWER_AUTH=jwt)."""
+    verifier is configured (required of viewers only in FANOUT_VIEWER_AUTH=jwt).
+
+    A handler verifies first (`viewer`, `publisher`), then checks the ticket against its request
+    (`admit_body`, `require`); each ticket is counted once, with the outcome of whichever step decides.
+    """
 
     def __init__(
-        self, publisher_auth: PublisherAuth, verifier: TicketVerifier | None, *, viewer_tickets: bool
+        self,
+        publisher_auth: PublisherAuth,
+        verifier: TicketVerifier | None,
+        *,
+        viewer_tickets: bool,
+        metrics: GatewayMetrics,
     ) -> None:
         self._publisher_auth = publisher_auth
         self._verifier = verifier
         self._viewer_tickets = viewer_tickets
+        self._metrics = metrics
+        roles = (VIEWER, PUBLISHER) if viewer_tickets else (PUBLISHER,)
+        if verifier is not None:
+            # Pre-create the series so rate() works from the first scrape.
+            for role in roles:
+                for outcome in TICKET_OUTCOMES:
+                    metrics.tickets.labels(role, outcome)
 
     async def viewer(self, authorization_header: str | None) -> Ticket | None:
-        """None in open mode; otherwise the verified ticket (which the caller checks is a viewer's)."""
+        """None in open mode; otherwise the verified ticket (which `admit_body` checks is a viewer's)."""
         if not self._viewer_tickets or self._verifier is None:
             return None
         presented = _bearer(authorization_header)
         if presented is None:
+            self._count(VIEWER, "missing")
             raise TicketRequired()
-        return await self._verifier.verify(presented)
+        return await self._verify(self._verifier, presented, VIEWER)
 
     async def publisher(self, authorization_header: str | None) -> Ticket | None:
         """None for a static publisher key, the verified ticket for a ticket; raises otherwise."""
@@ -322,5 +405,43 @@ class Admission:
         if self._publisher_auth.is_valid(presented):
             return None
         if self._verifier is not None and presented.count(".") == 2:
-            return await self._verifier.verify(presented)
+            return await self._verify(self._verifier, presented, PUBLISHER)
         raise Unauthorized("The publisher key is not valid.")
+
+    def admit_body(self, ticket: Ticket | None, body: dict[str, Any], role: str) -> dict[str, Any]:
+        """The body as `Ticket.admit_body` makes it; unchanged without a ticket (open mode, static key)."""
+        if ticket is None:
+            return body
+        with self._deciding(role):
+            return ticket.admit_body(body, role)
+
+    def require(self, ticket: Ticket | None, *, room: str, role: str, user_id: object = None) -> None:
+        """Raises TicketMismatch unless the ticket (if any) admits `role` to `room` as `user_id`
+        (None: any subject)."""
+        if ticket is None:
+            return
+        with self._deciding(role):
+            ticket.require(room=room, role=role)
+            ticket.check_user_id(user_id)
+
+    async def _verify(self, verifier: TicketVerifier, presented: str, role: str) -> Ticket:
+        try:
+            return await verifier.verify(presented)
+        except InvalidTicket as refused:
+            self._count(role, refused.reason)
+            raise
+        except TicketKeysUnavailable:
+            self._count(role, "keys_unavailable")
+            raise
+
+    @contextmanager
+    def _deciding(self, role: str) -> Iterator[None]:
+        try:
+            yield
+        except TicketMismatch as refused:
+            self._count(role, f"wrong_{refused.what}")
+            raise
+        self._count(role, "accepted")
+
+    def _count(self, role: str, outcome: str) -> None:
+        self._metrics.tickets.labels(role, outcome).inc()

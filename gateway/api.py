@@ -29,11 +29,9 @@ _REFUSALS = {
 
 async def publisher_tokens(request: web.Request) -> web.Response:
     """POST /api/token/publisher-all: ensure the room exists, then a publish token for each Stage."""
-    settings, clients = request.app[SETTINGS], request.app[CLIENTS]
-    ticket = await request.app[ADMISSION].publisher(request.headers.get("Authorization"))
-    body = await _json_body(request)
-    if ticket is not None:
-        body = ticket.admit_body(body, PUBLISHER)
+    settings, clients, admission = request.app[SETTINGS], request.app[CLIENTS], request.app[ADMISSION]
+    ticket = await admission.publisher(request.headers.get("Authorization"))
+    body = admission.admit_body(ticket, await _json_body(request), PUBLISHER)
     parsed = validation.parse_publisher_tokens(body, settings.default_room)
     async with calling("stagemanager", "EnsureRoom"):
         ensured = await clients.stagemanager.EnsureRoom(
@@ -58,10 +56,9 @@ async def viewer_token(request: web.Request) -> web.Response:
     """POST /api/token/viewer: a subscribe-only token on the least-loaded Stage, with a lease."""
     started = time.perf_counter()
     settings, clients, metrics = request.app[SETTINGS], request.app[CLIENTS], request.app[METRICS]
-    ticket = await request.app[ADMISSION].viewer(request.headers.get("Authorization"))
-    body = await _json_body(request)
-    if ticket is not None:
-        body = ticket.admit_body(body, VIEWER)
+    admission = request.app[ADMISSION]
+    ticket = await admission.viewer(request.headers.get("Authorization"))
+    body = admission.admit_body(ticket, await _json_body(request), VIEWER)
     parsed = validation.parse_viewer_token(body, settings.default_room)
     try:
         async with calling("allocator", "AssignViewer"):
@@ -119,11 +116,10 @@ async def viewer_leave(request: web.Request) -> web.Response:
 
 async def publisher_status(request: web.Request) -> web.Response:
     """POST /api/rooms/{room}/publisher/status: the broadcast page publishes (or stopped) on a Stage."""
-    settings, clients = request.app[SETTINGS], request.app[CLIENTS]
-    ticket = await request.app[ADMISSION].publisher(request.headers.get("Authorization"))
+    settings, clients, admission = request.app[SETTINGS], request.app[CLIENTS], request.app[ADMISSION]
+    ticket = await admission.publisher(request.headers.get("Authorization"))
     room = validation.parse_room(request.match_info["room"])
-    if ticket is not None:
-        ticket.require(room=room, role=PUBLISHER)
+    admission.require(ticket, room=room, role=PUBLISHER)
     parsed = validation.parse_publisher_status(room, await _json_body(request))
     async with calling("stagemanager", "ReportPublisherStatus"):
         await clients.stagemanager.ReportPublisherStatus(
@@ -196,11 +192,10 @@ async def get_room(request: web.Request) -> web.Response:
 
 async def end_room(request: web.Request) -> web.Response:
     """DELETE /api/rooms/{room}: drains and deletes every Stage of the room."""
-    settings, clients = request.app[SETTINGS], request.app[CLIENTS]
-    ticket = await request.app[ADMISSION].publisher(request.headers.get("Authorization"))
+    settings, clients, admission = request.app[SETTINGS], request.app[CLIENTS], request.app[ADMISSION]
+    ticket = await admission.publisher(request.headers.get("Authorization"))
     room = validation.parse_room(request.match_info["room"])
-    if ticket is not None:
-        ticket.require(room=room, role=PUBLISHER)
+    admission.require(ticket, room=room, role=PUBLISHER)
     async with calling("stagemanager", "EndRoom"):
         await clients.stagemanager.EndRoom(
             stagemanager_pb2.EndRoomRequest(room=room), timeout=settings.room_rpc_timeout_seconds

@@ -53,7 +53,10 @@ def create_app(
     app[METRICS] = metrics
     app[PUBLISHER_AUTH] = PublisherAuth(settings.publisher_keys)
     app[ADMISSION] = Admission(
-        app[PUBLISHER_AUTH], build_ticket_verifier(settings), viewer_tickets=settings.viewer_auth == "jwt"
+        app[PUBLISHER_AUTH],
+        build_ticket_verifier(settings, metrics),
+        viewer_tickets=settings.viewer_auth == "jwt",
+        metrics=metrics,
     )
     if clients is not None:
         app[CLIENTS] = clients

@@ -114,13 +114,12 @@ class PublisherStream:
 
 async def publisher_events(request: web.Request) -> web.StreamResponse:
     """GET /api/rooms/{room}/publisher/events (publisher auth): server-sent events for the broadcaster."""
-    settings, clients = request.app[SETTINGS], request.app[CLIENTS]
-    ticket = await request.app[ADMISSION].publisher(request.headers.get("Authorization"))
+    settings, clients, admission = request.app[SETTINGS], request.app[CLIENTS], request.app[ADMISSION]
+    ticket = await admission.publisher(request.headers.get("Authorization"))
     room = validation.parse_room(request.match_info["room"])
     user_id = validation.parse_user_id(request.query.get("userId", "broadcaster"))
+    admission.require(ticket, room=room, role=PUBLISHER, user_id=request.query.get("userId"))
     if ticket is not None:
-        ticket.require(room=room, role=PUBLISHER)
-        ticket.check_user_id(request.query.get("userId"))
         user_id = ticket.subject
     # Errors up to here are ordinary JSON errors; after prepare() the stream reports them itself.
     async with calling("stagemanager", "EnsureRoom"):

@@ -48,6 +48,21 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        # Admission (gateway/admission.py): labels name the endpoint's role and why a ticket was
+        # refused, never its subject, room or text. The series are pre-created there, for the roles
+        # and key source this gateway is configured with.
+        self.tickets = Counter(
+            "fanout_gateway_tickets_total",
+            "Admission tickets checked, by the role the endpoint needs and outcome (accepted, or why not).",
+            ("role", "outcome"),
+            registry=registry,
+        )
+        self.jwks_refreshes = Counter(
+            "fanout_gateway_jwks_refreshes_total",
+            "Fetches of the host app's JWKS (FANOUT_TICKET_JWKS_URL), by outcome (ok, failed).",
+            ("outcome",),
+            registry=registry,
+        )
         for result in VIEWER_RESULTS:
             # Pre-create the series so rate() works from the first scrape.
             self.viewer_assignments.labels(result)

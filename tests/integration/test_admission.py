@@ -15,6 +15,7 @@ import jwt
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.system import System, running_system
 from tests.integration.test_viewers import start_show
@@ -54,6 +55,30 @@ class Answers:
 
     async def viewer(self, ticket: str | None, body: dict[str, Any] | None = None) -> tuple[int, Any]:
         return await self.call("POST", "/api/token/viewer", ticket, body or {})
+
+
+async def scraped(
+    http: aiohttp.ClientSession, system: System, family: str, labels: tuple[str, ...]
+) -> dict[tuple[str, ...], float]:
+    """The family's nonzero samples, by label values, from the gateway's /metrics as Prometheus reads it."""
+    async with http.get(f"{system.gateway_url}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    return {
+        tuple(sample.labels[label] for label in labels): sample.value
+        for metric in text_string_to_metric_families(text)
+        if metric.name == family
+        for sample in metric.samples
+        if sample.name == f"{family}_total" and sample.value
+    }
+
+
+async def ticket_outcomes(http: aiohttp.ClientSession, system: System) -> dict[tuple[str, ...], float]:
+    return await scraped(http, system, "fanout_gateway_tickets", ("role", "outcome"))
+
+
+async def jwks_refreshes(http: aiohttp.ClientSession, system: System) -> dict[tuple[str, ...], float]:
+    return await scraped(http, system, "fanout_gateway_jwks_refreshes", ("outcome",))
 
 
 def assert_refused(answer: tuple[int, Any], status: int, code: str) -> None:
@@ -109,6 +134,23 @@ async def test_viewer_tickets_admit_to_their_room_only(
         # heartbeat and leave stay open: they only act on the lease the ticket admitted.
         status, _ = await api.call("POST", "/api/viewer/heartbeat", None, {"room": "main", "userId": "alice"})
         assert status == 200
+        status, _ = await api.call("POST", "/api/viewer/leave", None, {"room": "main", "userId": "alice"})
+        assert status == 204
+
+        # One outcome per ticket presented, the reason only in the metric; no subject, room or ticket.
+        assert await ticket_outcomes(http, system) == {
+            ("viewer", "accepted"): 2,
+            ("viewer", "wrong_room"): 1,
+            ("viewer", "wrong_subject"): 1,
+            ("viewer", "wrong_role"): 1,
+            ("viewer", "missing"): 1,
+            ("viewer", "expired"): 1,
+            ("viewer", "invalid"): len(refused) - 1,
+        }
+        assert await jwks_refreshes(http, system) == {}  # a shared secret: nothing to fetch
+        async with http.get(f"{system.gateway_url}/metrics") as response:
+            exposition = await response.text()
+        assert "alice" not in exposition and "mallory" not in exposition
     assert_never_echoed([good, *refused], api, caplog)
 
 
@@ -161,6 +203,17 @@ async def test_publisher_tickets_open_their_room_only_beside_the_static_key(
         assert status == 200  # the static key still opens every room
         status, _ = await api.call("DELETE", "/api/rooms/launch", launch)
         assert status == 204
+
+        # The static key is no ticket; open viewers export no viewer outcomes at all.
+        assert await ticket_outcomes(http, system) == {
+            ("publisher", "accepted"): 4,
+            ("publisher", "wrong_room"): 4,
+            ("publisher", "wrong_role"): 2,
+            ("publisher", "invalid"): 1,
+        }
+        async with http.get(f"{system.gateway_url}/metrics") as response:
+            exposition = await response.text()
+        assert 'role="viewer"' not in exposition and "host-7" not in exposition
     assert_never_echoed([launch, viewer_ticket, forged], api, caplog)
 
 
@@ -252,14 +305,25 @@ async def test_jwks_tickets_and_rotation_without_a_restart(
             # Rotation: the host app publishes a new key; tickets signed with it pass, no restart.
             host.publish(rotated.public_key(), "key-2")
             fresh = jwt.encode(ticket_claims(sub="bob"), rotated, algorithm="RS256", headers={"kid": "key-2"})
+            tries = 0
 
             async def admitted() -> bool:
+                nonlocal tries
+                tries += 1
                 status, _ = await api.viewer(fresh)
                 return status == 200
 
             await eventually(admitted, what="the rotated key to be fetched", within=10, every=0.2)
             status, _ = await api.viewer(good)
             assert status == 200  # the first key still works while both are published
+
+            # Every fetch the host app served is one ok refresh; unknown kids are told from bad tickets.
+            assert await jwks_refreshes(http, system) == {("ok",): host.fetches}
+            assert await ticket_outcomes(http, system) == {
+                ("viewer", "accepted"): 3,
+                ("viewer", "invalid"): len(refused),
+                ("viewer", "unknown_key"): len(unknown) + tries - 1,
+            }
     assert_never_echoed([good, fresh, *refused, *unknown[:3]], api, caplog)
 
 
@@ -275,3 +339,7 @@ async def test_an_unreachable_jwks_is_a_503_not_a_401(tmp_path: Path) -> None:
         ticket = jwt.encode(ticket_claims(), key, algorithm="ES256", headers={"kid": "key-1"})
         status, body = await api.viewer(ticket)
         assert_refused((status, body), 503, "ticket_keys_unavailable")
+        # Within FANOUT_TICKET_JWKS_MIN_REFETCH_SECONDS the gateway does not try again.
+        assert_refused(await api.viewer(ticket), 503, "ticket_keys_unavailable")
+        assert await jwks_refreshes(http, system) == {("failed",): 1}
+        assert await ticket_outcomes(http, system) == {("viewer", "keys_unavailable"): 2}

@@ -14,6 +14,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from prometheus_client import CollectorRegistry
 
 from gateway.admission import (
     Admission,
@@ -27,6 +28,7 @@ from gateway.admission import (
 )
 from gateway.auth import PublisherAuth
 from gateway.errors import ApiError
+from gateway.metrics import GatewayMetrics
 
 SECRET = "s" * 64
 STATIC_KEY = "static-publisher-key-0123456789"
@@ -36,6 +38,10 @@ def claims(**overrides: Any) -> dict[str, Any]:
     base: dict[str, Any] = {"room": "main", "sub": "alice", "role": "viewer", "exp": int(time.time()) + 60}
     base.update(overrides)
     return {key: value for key, value in base.items() if value is not None}
+
+
+def unused_metrics() -> GatewayMetrics:
+    return GatewayMetrics(CollectorRegistry())
 
 
 def secret_verifier(**options: Any) -> TicketVerifier:
@@ -216,7 +222,9 @@ def test_ticket_checks_room_role_and_subject() -> None:
 
 
 async def test_admission_takes_static_keys_or_publisher_tickets() -> None:
-    admission = Admission(PublisherAuth([STATIC_KEY]), secret_verifier(), viewer_tickets=True)
+    admission = Admission(
+        PublisherAuth([STATIC_KEY]), secret_verifier(), viewer_tickets=True, metrics=unused_metrics()
+    )
     ticket = jwt.encode(claims(role="publisher"), SECRET, algorithm="HS256")
     assert await admission.publisher(f"Bearer {STATIC_KEY}") is None
     assert (await admission.publisher(f"Bearer {ticket}")) == Ticket("main", "alice", "publisher")
@@ -234,9 +242,86 @@ async def test_admission_takes_static_keys_or_publisher_tickets() -> None:
 
 
 async def test_without_a_verifier_tickets_are_not_publisher_credentials() -> None:
-    admission = Admission(PublisherAuth([STATIC_KEY]), None, viewer_tickets=False)
+    admission = Admission(PublisherAuth([STATIC_KEY]), None, viewer_tickets=False, metrics=unused_metrics())
     ticket = jwt.encode(claims(role="publisher"), SECRET, algorithm="HS256")
     assert await admission.viewer(None) is None
     with pytest.raises(ApiError) as raised:
         await admission.publisher(f"Bearer {ticket}")
     assert raised.value.code == "unauthorized"
+
+
+async def test_the_refusal_reason_tells_expired_and_unknown_keys_apart_for_the_metrics_only(
+    keys: dict[str, Any], jwks_verifier: TicketVerifier
+) -> None:
+    expired = jwt.encode(claims(exp=int(time.time()) - 60), SECRET, algorithm="HS256")
+    forged_and_expired = jwt.encode(claims(exp=int(time.time()) - 60), "x" * 64, algorithm="HS256")
+    unknown = jwt.encode(claims(), keys["rsa"], algorithm="RS256", headers={"kid": "unknown"})
+    for verifier, ticket, reason in (
+        (secret_verifier(), expired, "expired"),
+        (secret_verifier(), forged_and_expired, "invalid"),  # the signature is checked first
+        (jwks_verifier, unknown, "unknown_key"),
+        (jwks_verifier, jwt.encode(claims(), keys["rsa"], algorithm="RS256"), "invalid"),  # no kid
+    ):
+        with pytest.raises(InvalidTicket) as raised:
+            await verifier.verify(ticket)
+        assert raised.value.reason == reason
+        assert (raised.value.code, raised.value.message) == (
+            "invalid_ticket",
+            "The admission ticket is not valid.",
+        )
+
+
+async def test_admission_counts_each_ticket_once_with_the_deciding_outcome() -> None:
+    registry = CollectorRegistry()
+    admission = Admission(
+        PublisherAuth([STATIC_KEY]), secret_verifier(), viewer_tickets=True, metrics=GatewayMetrics(registry)
+    )
+
+    def count(role: str, outcome: str) -> float | None:
+        return registry.get_sample_value("fanout_gateway_tickets_total", {"role": role, "outcome": outcome})
+
+    assert count("viewer", "accepted") == 0 and count("publisher", "keys_unavailable") == 0  # pre-created
+    viewer = await admission.viewer(f"Bearer {jwt.encode(claims(), SECRET, algorithm='HS256')}")
+    assert admission.admit_body(viewer, {}, "viewer") == {"room": "main", "userId": "alice"}
+    with pytest.raises(TicketMismatch):
+        admission.admit_body(viewer, {"room": "other"}, "viewer")
+    with pytest.raises(TicketMismatch):
+        admission.require(viewer, room="main", role="publisher")
+    publisher = await admission.publisher(
+        f"Bearer {jwt.encode(claims(role='publisher'), SECRET, algorithm='HS256')}"
+    )
+    with pytest.raises(TicketMismatch):
+        admission.require(publisher, room="main", role="publisher", user_id="mallory")
+    admission.require(None, room="other", role="publisher")  # a static key: not a ticket, not counted
+    assert await admission.publisher(f"Bearer {STATIC_KEY}") is None
+    with pytest.raises(TicketRequired):
+        await admission.viewer(None)
+    with pytest.raises(InvalidTicket):
+        await admission.viewer(f"Bearer {jwt.encode(claims(exp=1), SECRET, algorithm='HS256')}")
+    with pytest.raises(InvalidTicket):
+        await admission.publisher("Bearer x.y.z")
+
+    counted = {
+        (sample.labels["role"], sample.labels["outcome"]): sample.value
+        for metric in registry.collect()
+        if metric.name == "fanout_gateway_tickets"
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.value
+    }
+    assert counted == {
+        ("viewer", "accepted"): 1,
+        ("viewer", "wrong_room"): 1,
+        ("publisher", "wrong_role"): 1,
+        ("publisher", "wrong_subject"): 1,
+        ("viewer", "missing"): 1,
+        ("viewer", "expired"): 1,
+        ("publisher", "invalid"): 1,
+    }
+
+
+def test_without_viewer_tickets_only_publisher_outcomes_are_exported() -> None:
+    registry = CollectorRegistry()
+    Admission(PublisherAuth([]), secret_verifier(), viewer_tickets=False, metrics=GatewayMetrics(registry))
+    labels = {"outcome": "accepted"}
+    assert registry.get_sample_value("fanout_gateway_tickets_total", {"role": "publisher", **labels}) == 0
+    assert registry.get_sample_value("fanout_gateway_tickets_total", {"role": "viewer", **labels}) is None
