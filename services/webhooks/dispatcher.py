@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -22,8 +23,8 @@ from services.webhooks.signer import WebhookSigner
 log = logging.getLogger(__name__)
 
 USER_AGENT = "ivs-fanout-webhooks"
-# Deliveries one endpoint has in flight at once.
-BATCH = 8
+# Deliveries one endpoint takes at once (each room's in order, rooms side by side).
+BATCH = 16
 # An idle endpoint looks for work made by another process (or retries come due) at least this often.
 POLL_SECONDS = 1.0
 # A claimed delivery is hidden from other claims for the attempt's timeout plus this margin.
@@ -80,7 +81,9 @@ class Dispatcher:
                 claimed = await self._outbox.claim(
                     endpoint.key, now, BATCH, now + self._timeout + LEASE_MARGIN_SECONDS
                 )
-                await asyncio.gather(*(self._attempt(http, endpoint, d, failing) for d in claimed))
+                await asyncio.gather(
+                    *(self._attempt_in_order(http, endpoint, chain, failing) for chain in by_room(claimed))
+                )
                 now = self._clock()
                 backlog = await self._outbox.backlog(endpoint.key)
                 self._metrics.report_backlog(endpoint, backlog, now)
@@ -102,6 +105,12 @@ class Dispatcher:
                 wait = OUTBOX_RETRY_SECONDS[1]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waker.wait(), wait)
+
+    async def _attempt_in_order(
+        self, http: aiohttp.ClientSession, endpoint: Endpoint, chain: list[Delivery], failing: _Failing
+    ) -> None:
+        for delivery in chain:
+            await self._attempt(http, endpoint, delivery, failing)
 
     async def _attempt(
         self, http: aiohttp.ClientSession, endpoint: Endpoint, delivery: Delivery, failing: _Failing
@@ -147,6 +156,16 @@ class Dispatcher:
             return f"no answer within {self._timeout:g} s"
         except aiohttp.ClientError as error:
             return type(error).__name__
+
+
+def by_room(deliveries: list[Delivery]) -> list[list[Delivery]]:
+    """Deliveries grouped by room, each group in the order given: one room's events go one after the
+    other (the host app sees them in order unless a retry reorders them), rooms side by side."""
+    chains: dict[str, list[Delivery]] = {}
+    for delivery in deliveries:
+        room = json.loads(delivery.body).get("data", {}).get("room", "")
+        chains.setdefault(room, []).append(delivery)
+    return list(chains.values())
 
 
 class _Failing:
