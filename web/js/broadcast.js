@@ -238,7 +238,7 @@ function goLive() {
   if (mediaTracks().length === 0) {
     return fail('Going live needs the camera and microphone. Allow access (or connect a device) and reload.');
   }
-  storageSet(sessionStorage, KEY_STORAGE, key);
+  storageSet('sessionStorage', KEY_STORAGE, key);
 
   setState('going-live', 'Getting publish tokens…');
   session = new BroadcastSession({
@@ -322,7 +322,7 @@ function pollRoom() {
 // ---- start ---------------------------------------------------------------------------------
 
 async function main() {
-  els.key.value = storageGet(sessionStorage, KEY_STORAGE) || '';
+  els.key.value = storageGet('sessionStorage', KEY_STORAGE) || '';
   els.form.addEventListener('submit', (event) => {
     event.preventDefault();
     goLive();

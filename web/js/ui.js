@@ -37,19 +37,22 @@ export function roomFromQuery() {
   return room && ROOM_PATTERN.test(room) ? room : null;
 }
 
-export function storageGet(storage, key) {
+// `storageName` is 'localStorage' or 'sessionStorage': in a frame of another site even reading the
+// property can throw (third-party storage blocked), so it is read inside the try.
+export function storageGet(storageName, key) {
   try {
-    return storage.getItem(key);
+    return window[storageName].getItem(key);
   } catch {
     return null;
   }
 }
 
-export function storageSet(storage, key, value) {
+export function storageSet(storageName, key, value) {
   try {
+    const storage = window[storageName];
     if (value === null || value === undefined || value === '') storage.removeItem(key);
     else storage.setItem(key, value);
   } catch {
-    // Storage can be disabled (private mode); the page still works without persistence.
+    // Storage can be disabled (private mode, a third-party frame); the page works without persistence.
   }
 }

@@ -73,7 +73,7 @@ function render(snapshot) {
     participantId: snapshot.participantId,
     message: snapshot.message,
   });
-  if (snapshot.userId) storageSet(localStorage, USER_ID_STORAGE, snapshot.userId);
+  if (snapshot.userId) storageSet('localStorage', USER_ID_STORAGE, snapshot.userId);
 
   setStatus(els.status, snapshot.state, statusText(snapshot));
   els.roomName.textContent = snapshot.room || '—';
@@ -125,7 +125,7 @@ async function main() {
   session = new ViewerSession({
     sdk,
     room: roomFromQuery() || config.defaultRoom || 'main',
-    userId: storageGet(localStorage, USER_ID_STORAGE),
+    userId: storageGet('localStorage', USER_ID_STORAGE),
     heartbeatSeconds: config.heartbeatSeconds || DEFAULT_HEARTBEAT_SECONDS,
     onUpdate: render,
   });
