@@ -19,11 +19,11 @@ function parseRetryAfter(value) {
   return Number.isNaN(date) ? null : Math.max(0, (date - Date.now()) / 1000);
 }
 
-/** fetch() a JSON endpoint; `publisherKey` adds the Bearer header. */
-export async function apiFetch(path, { method = 'GET', body, publisherKey, signal, keepalive } = {}) {
+/** fetch() a JSON endpoint; `bearer` (a publisher key or a host app's ticket) adds the Authorization header. */
+export async function apiFetch(path, { method = 'GET', body, bearer, signal, keepalive } = {}) {
   const headers = { Accept: 'application/json' };
   if (body !== undefined) headers['Content-Type'] = 'application/json';
-  if (publisherKey) headers.Authorization = `Bearer ${publisherKey}`;
+  if (bearer) headers.Authorization = `Bearer ${bearer}`;
 
   let response;
   try {
@@ -67,22 +67,26 @@ export const getConfig = () => apiFetch('/api/config');
 
 export const getRoom = (room, options = {}) => apiFetch(roomPath(room), options);
 
-export const getPublisherTokens = (publisherKey, { room, userId } = {}) =>
-  apiFetch('/api/token/publisher-all', { method: 'POST', publisherKey, body: { room, userId } });
+/** `bearer`: the publisher key or a publisher ticket (which fixes the room and userId). */
+export const getPublisherTokens = (bearer, { room, userId } = {}) =>
+  apiFetch('/api/token/publisher-all', { method: 'POST', bearer, body: { room, userId } });
 
 /** `keepalive` lets the report outlive the page (sendBeacon cannot carry the Authorization header). */
 /** participantId (optional): the page's id on that Stage, which the stage manager replicates. */
-export const reportPublishing = (publisherKey, room, stageArn, publishing, { keepalive = false, participantId } = {}) =>
+export const reportPublishing = (bearer, room, stageArn, publishing, { keepalive = false, participantId } = {}) =>
   apiFetch(`${roomPath(room)}/publisher/status`, {
     method: 'POST',
-    publisherKey,
+    bearer,
     keepalive,
     body: participantId ? { stageArn, publishing, participantId } : { stageArn, publishing },
   });
 
-export const getViewerToken = ({ room, userId } = {}) =>
-  apiFetch('/api/token/viewer', { method: 'POST', body: { room, userId } });
+/** `ticket`: the host app's viewer ticket (FANOUT_VIEWER_AUTH=jwt); it decides the room and userId left out. */
+export const getViewerToken = ({ room, userId, ticket } = {}) =>
+  apiFetch('/api/token/viewer', { method: 'POST', bearer: ticket, body: { room, userId } });
 
+// Heartbeat and leave carry no ticket: the gateway does not ask for one there (they act only on the
+// lease a ticket admitted, which outlives the ticket), so leave can go out as a beacon.
 export const sendHeartbeat = (room, userId) =>
   apiFetch('/api/viewer/heartbeat', { method: 'POST', body: { room, userId } });
 

@@ -6,17 +6,35 @@
 // plain 401), joins those Stages, then follows the publisher events stream while live: a snapshot
 // re-syncs the set of Stages (on every reconnect too), stage-added joins a new Stage, stage-removed
 // leaves one, room-ended ends the session. So the audience can grow the pool without a reload.
+//
+// Every call carries `auth.bearer()`: the publisher key, or the host app's publisher ticket. A ticket
+// is short-lived; when the gateway refuses it, the session asks the host app for a new one
+// (`auth.renewed`) and tries that call again with it, once.
 
 import { getPublisherTokens, reportPublishing } from './api.js';
 import { PublisherEvents } from './publisher-events.js';
 import { StageFanout } from './stage-fanout.js';
+import { isTicketRefusal } from './ticket.js';
 import { stageId } from './ui.js';
+
+// How long going live or a status report waits for the host app's new ticket.
+const TICKET_WAIT_MS = 15000;
+
+function refusalText(error, isTicket) {
+  if (isTicket && isTicketRefusal(error)) {
+    return 'The host app\'s ticket expired or is not valid (401), and no new one arrived. Open this page again from the host app.';
+  }
+  if (isTicket && error.status === 403) return `The host app's ticket does not allow this: ${error.message}`;
+  if (error.status === 401) return 'The publisher key was rejected (401). Check it and try again.';
+  return `Could not get publish tokens: ${error.message}`;
+}
 
 export class BroadcastSession {
   /**
    * @param {object} options
    * @param {object} options.sdk  SDK namespace from loadStageSdk()
-   * @param {string} options.publisherKey
+   * @param {object} options.auth  what the calls carry: `{ isTicket, bearer(), renewed(code, {signal, timeoutMs}) }`;
+   *   `renewed` resolves true once a new ticket is there (always false for a publisher key)
    * @param {string} options.room  the room asked for; `room` becomes the gateway's answer once live
    * @param {() => MediaStreamTrack[]} options.getTracks  the live camera/microphone tracks to publish
    * @param {() => void} options.onLive  the tokens are in: `live` is true, the Stages are about to be joined
@@ -28,10 +46,12 @@ export class BroadcastSession {
    * @param {() => void} options.onRoomChanged  the room may have gained or lost Stages
    * @param {() => void} options.onEnded  the room was ended; this session is over
    * @param {(message: string) => void} options.onError  a failure to show that stops nothing
+   * @param {(waiting: boolean) => void} options.onTicketWait  waiting for the host app's new ticket, or not any more
    */
-  constructor({ sdk, publisherKey, room, getTracks, ...handlers }) {
+  constructor({ sdk, auth, room, getTracks, ...handlers }) {
     this.sdk = sdk;
-    this.publisherKey = publisherKey; // dropped once the session is over
+    this.auth = auth; // dropped once the session is over
+    this.ticketWaits = 0;
     this.room = room;
     this.getTracks = getTracks;
     this.handlers = handlers;
@@ -51,15 +71,18 @@ export class BroadcastSession {
 
   async start() {
     let answer;
-    try {
-      answer = await getPublisherTokens(this.publisherKey, { room: this.room });
-    } catch (error) {
-      this.handlers.onRefused(
-        error.status === 401
-          ? 'The publisher key was rejected (401). Check it and try again.'
-          : `Could not get publish tokens: ${error.message}`,
-      );
-      return;
+    for (let attempt = 0; ; attempt += 1) {
+      const bearer = this.auth.bearer();
+      try {
+        answer = await getPublisherTokens(bearer, { room: this.room });
+        break;
+      } catch (error) {
+        const retry = isTicketRefusal(error) && attempt === 0 && (await this.ticketRenewed(error.code, bearer));
+        if (!retry) {
+          this.handlers.onRefused(refusalText(error, this.auth.isTicket));
+          return;
+        }
+      }
     }
 
     this.room = answer.room;
@@ -93,7 +116,7 @@ export class BroadcastSession {
       return;
     }
     await Promise.allSettled(left.map((stageArn) => this.report(stageArn, false)));
-    this.publisherKey = null;
+    this.auth = null;
   }
 
   // Someone ended the room (DELETE /api/rooms/{room}, or it idled out): its Stages are being deleted,
@@ -102,13 +125,16 @@ export class BroadcastSession {
     if (this.fanout) this.fanout.removeAll();
     this.fanout = null;
     this.events = null;
-    this.publisherKey = null;
+    this.auth = null;
     this.handlers.onEnded();
   }
 
   follow() {
+    const auth = this.auth;
     this.events = new PublisherEvents({
-      publisherKey: this.publisherKey,
+      bearer: () => auth.bearer(),
+      // No time limit here: the stream waits for the new ticket until the session stops.
+      renewed: (code, refused, signal) => this.ticketRenewed(code, refused, { signal, timeoutMs: 0 }),
       room: this.room,
       onSnapshot: (tokens) => this.fanout && this.fanout.sync(tokens),
       onStageAdded: (token) => {
@@ -123,9 +149,10 @@ export class BroadcastSession {
       },
       onRoomEnded: () => this.roomEnded(),
       onFatal: (error) => {
+        const what = auth.isTicket ? 'the host app\'s ticket' : 'the publisher key';
         this.handlers.onError(
           error.status === 401
-            ? 'Stage updates: the publisher key was rejected (401); new Stages are not joined.'
+            ? `Stage updates: ${what} was rejected (401); new Stages are not joined.`
             : `Stage updates stopped: ${error.message}`,
         );
       },
@@ -135,9 +162,18 @@ export class BroadcastSession {
   }
 
   async report(stageArn, publishing, options = {}) {
-    if (!this.publisherKey) return;
+    const auth = this.auth;
+    if (!auth) return;
     try {
-      await reportPublishing(this.publisherKey, this.room, stageArn, publishing, options);
+      const bearer = auth.bearer();
+      try {
+        await reportPublishing(bearer, this.room, stageArn, publishing, options);
+      } catch (error) {
+        // A page going away (keepalive) cannot wait for a new ticket.
+        const renewed = isTicketRefusal(error) && !options.keepalive && (await this.ticketRenewed(error.code, bearer));
+        if (!renewed) throw error;
+        await reportPublishing(auth.bearer(), this.room, stageArn, publishing, options);
+      }
     } catch (error) {
       // 404: the Stage (or the room) is already gone, deleted by scale-in or by ending the room, maybe
       // between our join and this report. Its stage-removed or room-ended is on its way; nothing to say.
@@ -147,6 +183,21 @@ export class BroadcastSession {
       }
       console.warn(`publisher status report failed for stage ${stageId(stageArn)}: ${error.code}`);
       this.handlers.onError(`Could not report the publish state of Stage ${stageId(stageArn)}: ${error.message}`);
+    }
+  }
+
+  /** Whether a ticket other than the `refused` one is there now, asking the host app for it if need
+   * be (never for a key). */
+  async ticketRenewed(code, refused, { signal, timeoutMs = TICKET_WAIT_MS } = {}) {
+    if (!this.auth || !this.auth.isTicket) return false;
+    if (this.auth.bearer() !== refused) return true; // it came while the refused one was on its way
+    this.ticketWaits += 1;
+    if (this.ticketWaits === 1) this.handlers.onTicketWait(true);
+    try {
+      return await this.auth.renewed(code, { signal, timeoutMs });
+    } finally {
+      this.ticketWaits -= 1;
+      if (this.ticketWaits === 0) this.handlers.onTicketWait(false);
     }
   }
 

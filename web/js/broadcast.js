@@ -1,10 +1,12 @@
 // The broadcast page: camera preview, Go live, Stop, and the room's Stages table. Going live (tokens,
-// the fan-out, the publisher events stream) lives in BroadcastSession; this module renders it.
+// the fan-out, the publisher events stream) lives in BroadcastSession; this module renders it. A host
+// app's publisher ticket (`#ticket=` or a `fanout:ticket` message, ticket.js) replaces the key.
 
 import { getConfig, getRoom } from './api.js';
 import { BroadcastSession } from './broadcast-session.js';
 import { loadStageSdk } from './sdk.js';
 import { renderCeiling, renderStagesTable } from './stages-table.js';
+import { TicketHolder } from './ticket.js';
 import {
   ROOM_PATTERN,
   byId,
@@ -19,14 +21,20 @@ import {
 const ROOM_REFRESH_MS = 2000;
 const KEY_STORAGE = 'fanout.publisherKey';
 
+// Before anything awaits: a host app may post the ticket as soon as the frame has loaded.
+const tickets = new TicketHolder({ page: 'broadcast' });
+tickets.listen();
+
 const els = {
   status: byId('status'),
   fanoutSummary: byId('fanout-summary'),
   publishingCount: byId('publishing-count'),
   eventsState: byId('events-state'),
   modeNote: byId('mode-note'),
+  ticketNote: byId('ticket-note'),
   error: byId('error'),
   form: byId('broadcast-form'),
+  keyLabel: byId('publisher-key-label'),
   key: byId('publisher-key'),
   room: byId('room'),
   camera: byId('camera-select'),
@@ -41,10 +49,12 @@ const els = {
   stagesBody: byId('stages-body'),
 };
 
-// Test hook; never holds the publisher key or tokens.
+// Test hook; never holds the publisher key, the ticket or tokens.
 const view = {
   state: 'starting',
   mode: null,
+  hasTicket: false,
+  waitingForTicket: false,
   room: null,
   stages: [],
   publishing: 0, // Stages this page publishes to right now
@@ -71,6 +81,41 @@ function setState(state, text) {
   els.goLive.disabled = busy || live || state === 'starting' || !config;
   els.stop.disabled = busy || !live;
   for (const input of [els.key, els.room, els.camera, els.mic]) input.disabled = busy || live;
+}
+
+// ---- the host app's ticket -----------------------------------------------------------------
+
+function renderTicket() {
+  const ticket = tickets.current;
+  view.hasTicket = ticket !== null;
+  els.keyLabel.hidden = els.key.hidden = view.hasTicket;
+  els.key.required = !view.hasTicket;
+  if (!ticket) return;
+  const claims = tickets.claims();
+  // The room the ticket names (the gateway refuses any other); not while live on another one.
+  if (claims && claims.room && !isLive()) {
+    els.room.value = claims.room;
+    els.room.readOnly = true;
+  }
+  els.ticketNote.textContent = view.waitingForTicket
+    ? 'The host app\'s ticket expired; waiting for a new one…'
+    : `Admitted by the host app${claims && claims.room ? ` for room ${claims.room}` : ''}.`;
+  els.ticketNote.hidden = false;
+}
+
+function onTicketWait(waiting) {
+  view.waitingForTicket = waiting;
+  renderTicket();
+}
+
+const ticketAuth = {
+  isTicket: true,
+  bearer: () => tickets.current,
+  renewed: (code, options) => tickets.renewed(code, options),
+};
+
+function keyAuth(key) {
+  return { isTicket: false, bearer: () => key, renewed: async () => false };
 }
 
 function fail(message) {
@@ -231,19 +276,20 @@ function onEnded() {
 
 function goLive() {
   clearFailure();
+  const ticket = tickets.current;
   const key = els.key.value.trim();
   const room = currentRoom();
-  if (!key) return fail('Enter the publisher key.');
+  if (!ticket && !key) return fail('Enter the publisher key.');
   if (!room) return fail('Room names are 1–64 characters: lowercase letters, digits and "-", starting with a letter or digit.');
   if (mediaTracks().length === 0) {
     return fail('Going live needs the camera and microphone. Allow access (or connect a device) and reload.');
   }
-  storageSet('sessionStorage', KEY_STORAGE, key);
+  if (!ticket) storageSet('sessionStorage', KEY_STORAGE, key);
 
   setState('going-live', 'Getting publish tokens…');
   session = new BroadcastSession({
     sdk,
-    publisherKey: key,
+    auth: ticket ? ticketAuth : keyAuth(key),
     room,
     getTracks: mediaTracks,
     onLive,
@@ -254,6 +300,7 @@ function goLive() {
     onRoomChanged: refreshRoom,
     onEnded,
     onError: fail,
+    onTicketWait,
   });
   session.start();
 }
@@ -323,6 +370,10 @@ function pollRoom() {
 
 async function main() {
   els.key.value = storageGet('sessionStorage', KEY_STORAGE) || '';
+  tickets.onTicket(() => {
+    renderTicket();
+    refreshRoom();
+  });
   els.form.addEventListener('submit', (event) => {
     event.preventDefault();
     goLive();
@@ -346,6 +397,7 @@ async function main() {
   }
   view.mode = config.mode;
   els.room.value = roomFromQuery() || config.defaultRoom || 'main';
+  renderTicket();
 
   try {
     sdk = await loadStageSdk(config);

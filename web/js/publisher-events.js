@@ -2,8 +2,11 @@
 // `snapshot` of every Stage with a fresh publish token, then `stage-added` / `stage-removed`, and
 // `room-ended`. It reconnects with backoff when the stream ends, fails or says `unavailable`; every
 // reconnect starts with a new snapshot, so nothing missed in between is lost. No DOM here.
+// Each connection carries the current credential (`bearer()`): a refused host app's ticket is
+// replaced through `renewed`, then the stream reconnects at once.
 
 import { readEventStream, StreamHttpError } from './sse.js';
+import { isTicketRefusal } from './ticket.js';
 
 const BACKOFF_MS = [500, 1000, 2000, 4000, 8000, 15000];
 // The server sends a keep-alive comment every 15 s; three missed ones mean the connection is dead.
@@ -33,7 +36,9 @@ function sleep(ms, signal) {
 export class PublisherEvents {
   /**
    * @param {object} options
-   * @param {string} options.publisherKey
+   * @param {() => string} options.bearer  the publisher key or ticket, read for every connection
+   * @param {(code: string, refused: string, signal: AbortSignal) => Promise<boolean>} [options.renewed]
+   *   resolves true once the refused ticket is replaced; without it a refused credential is fatal
    * @param {string} options.room
    * @param {string} [options.userId]
    * @param {(tokens: object[]) => void} options.onSnapshot
@@ -43,10 +48,11 @@ export class PublisherEvents {
    * @param {(error: Error) => void} options.onFatal  the server refused the stream (bad key, ...)
    * @param {(status: object) => void} options.onStatus  connection state changes, see `status`
    */
-  constructor({ publisherKey, room, userId, onSnapshot, onStageAdded, onStageRemoved, onRoomEnded, onFatal, onStatus }) {
+  constructor({ bearer, renewed, room, userId, onSnapshot, onStageAdded, onStageRemoved, onRoomEnded, onFatal, onStatus }) {
     const query = userId ? `?userId=${encodeURIComponent(userId)}` : '';
     this.url = `/api/rooms/${encodeURIComponent(room)}/publisher/events${query}`;
-    this.headers = { Authorization: `Bearer ${publisherKey}` };
+    this.bearer = bearer;
+    this.renewed = renewed || null;
     this.handlers = { onSnapshot, onStageAdded, onStageRemoved, onRoomEnded, onFatal, onStatus };
     this.controller = null;
     // Plain data for the page and tests; never the key or tokens.
@@ -89,9 +95,10 @@ export class PublisherEvents {
       let reason = 'the server closed the stream';
       let retryAfterMs = null;
       let ended = false;
+      const bearer = this.bearer();
       try {
         await readEventStream(this.url, {
-          headers: this.headers,
+          headers: { Authorization: `Bearer ${bearer}` },
           signal,
           idleTimeoutMs: IDLE_TIMEOUT_MS,
           onEvent: (event) => {
@@ -104,6 +111,11 @@ export class PublisherEvents {
       } catch (error) {
         if (signal.aborted) return;
         if (error instanceof StreamHttpError) {
+          if (isTicketRefusal(error) && this.renewed) {
+            this.setStatus('reconnecting', { reason: 'waiting for a new ticket from the host app' });
+            if (await this.renewed(error.code, bearer, signal)) continue; // at once, with the new ticket
+            if (signal.aborted) return;
+          }
           if (FATAL_STATUSES.has(error.status)) {
             this.controller = null;
             this.setStatus('failed', { reason: error.message });

@@ -4,10 +4,16 @@
 //
 // States: connecting · no-show (room not created yet) · full (503) · joining · waiting (joined, the
 // broadcaster is not publishing) · playing · reconnecting · stopped · error (nothing to retry, e.g. an
-// invalid room).
+// invalid room, or a ticket for another room) · ticket (the gateway wants a ticket this page lacks or
+// refused the one it had; the host app was asked for a new one, and its arrival starts again).
+//
+// With a host app's ticket (FANOUT_VIEWER_AUTH=jwt) the token request carries it and leaves out the
+// userId (the ticket names the viewer) and, unless the page asks for one, the room. A lease outlives
+// its ticket: heartbeats need none, so a new ticket is only needed when the page must get back in.
 
 import { getViewerToken, leaveOnUnload, sendHeartbeat } from './api.js';
 import { describeStageError, stageErrorName } from './sdk.js';
+import { isTicketRefusal } from './ticket.js';
 
 const MAX_BACKOFF_SECONDS = 30;
 const NO_SHOW_MAX_SECONDS = 10;
@@ -39,18 +45,23 @@ export class ViewerSession {
   /**
    * @param {object} options
    * @param {object} options.sdk  SDK namespace from loadStageSdk()
-   * @param {string} options.room
-   * @param {string|null} options.userId  sticky id from an earlier visit, if any
+   * @param {string|null} options.room  the room asked for; null: the gateway's default or the ticket's
+   * @param {string} options.shownRoom  the room to show until the gateway answers
+   * @param {string|null} options.userId  sticky id from an earlier visit, if any (not sent with a ticket)
    * @param {number} options.heartbeatSeconds
+   * @param {import('./ticket.js').TicketHolder|null} [options.tickets]  the host app's tickets, if any
    * @param {(snapshot: object) => void} options.onUpdate  state, ids, message or tracks changed
    */
-  constructor({ sdk, room, userId, heartbeatSeconds, onUpdate }) {
+  constructor({ sdk, room, shownRoom, userId, heartbeatSeconds, tickets = null, onUpdate }) {
     this.sdk = sdk;
     this.onUpdate = onUpdate;
     this.heartbeatMs = Math.max(1, heartbeatSeconds) * 1000;
+    this.requestedRoom = room;
+    this.tickets = tickets;
+    if (tickets) tickets.onTicket(() => this.ticketArrived());
     this.snapshot = {
       state: 'stopped',
-      room,
+      room: room || shownRoom,
       userId,
       stageArn: null,
       participantId: null,
@@ -94,11 +105,16 @@ export class ViewerSession {
     this.teardown();
     this.update({ state: 'connecting', message: 'Getting a viewer token…', retryAt: null });
 
+    const ticket = this.tickets ? this.tickets.current : null;
     let answer;
     try {
-      answer = await getViewerToken({ room: this.snapshot.room, userId: this.snapshot.userId || undefined });
+      answer = await getViewerToken({
+        room: this.requestedRoom || undefined,
+        userId: ticket ? undefined : this.snapshot.userId || undefined,
+        ticket: ticket || undefined,
+      });
     } catch (error) {
-      if (generation === this.generation) this.onTokenError(error);
+      if (generation === this.generation) this.onTokenError(error, ticket);
       return;
     }
     if (generation !== this.generation) return;
@@ -113,8 +129,15 @@ export class ViewerSession {
     this.join(generation, answer.token);
   }
 
-  onTokenError(error) {
-    if (error.status === 404) {
+  onTokenError(error, ticket) {
+    if (isTicketRefusal(error) && this.tickets && this.tickets.current !== ticket) {
+      this.connect(); // a new ticket came while the refused one was on its way
+    } else if (isTicketRefusal(error)) {
+      this.needTicket(error.code);
+    } else if (error.status === 403) {
+      // A valid ticket for another room or viewer: retrying cannot help, a different ticket can.
+      this.update({ state: 'error', message: `Cannot watch: ${error.message}` });
+    } else if (error.status === 404) {
       const delay = backoffSeconds(this.attempt++, NO_SHOW_MAX_SECONDS);
       this.retryIn(delay, 'no-show', 'The show has not started yet. Waiting for the broadcaster…');
     } else if (error.status === 503 || error.status === 429) {
@@ -125,6 +148,29 @@ export class ViewerSession {
     } else {
       this.recover(`Could not get a viewer token: ${error.message}`);
     }
+  }
+
+  /** Stops until a ticket arrives, and asks the embedding host app for one. */
+  needTicket(code) {
+    this.generation += 1;
+    this.teardown();
+    const asked = this.tickets !== null && this.tickets.requestNew(code);
+    let message;
+    if (code === 'ticket_required') {
+      message = asked
+        ? 'A ticket is required to watch this show. Asking the host app for one…'
+        : 'A ticket is required to watch this show. Open this page from the host app, whose link carries it.';
+    } else {
+      message = asked
+        ? 'Your ticket has expired or is not valid. Asking the host app for a new one…'
+        : 'Your ticket has expired or is not valid. Open this page again from the host app.';
+    }
+    this.update({ state: 'ticket', message, retryAt: null });
+  }
+
+  ticketArrived() {
+    // Worth a try only when a ticket (or its absence, or a ticket for something else) stopped the session.
+    if (this.snapshot.state === 'ticket' || this.snapshot.state === 'error') this.start();
   }
 
   /** Drops the Stage and tries again with a new token after a backoff. */

@@ -1,9 +1,15 @@
-// The watch page: renders a ViewerSession (token, lease, subscribe-only Stage) onto a <video>.
+// The watch page: renders a ViewerSession (token, lease, subscribe-only Stage) onto a <video>. A host
+// app admits its viewers with a ticket in `#ticket=` or a `fanout:ticket` message (ticket.js).
 
 import { getConfig } from './api.js';
 import { loadStageSdk } from './sdk.js';
+import { TicketHolder } from './ticket.js';
 import { ViewerSession } from './viewer-session.js';
 import { byId, clearError, roomFromQuery, setStatus, showError, stageId, storageGet, storageSet } from './ui.js';
+
+// Before anything awaits: a host app may post the ticket as soon as the frame has loaded.
+const tickets = new TicketHolder({ page: 'watch' });
+tickets.listen();
 
 const USER_ID_STORAGE = 'fanout.viewerUserId';
 const DEFAULT_HEARTBEAT_SECONDS = 15;
@@ -19,10 +25,11 @@ const els = {
   userId: byId('user-id'),
 };
 
-// Test hook; never holds the token.
+// Test hook; never holds the token or the ticket.
 const view = {
   state: 'starting',
   mode: null,
+  hasTicket: false,
   room: null,
   userId: null,
   stageArn: null,
@@ -40,6 +47,7 @@ const OVERLAY_TEXT = {
   reconnecting: 'Reconnecting…',
   stopped: 'Stopped',
   error: 'Cannot play',
+  ticket: 'A ticket is needed',
 };
 
 let session = null;
@@ -72,8 +80,10 @@ function render(snapshot) {
     stageArn: snapshot.stageArn,
     participantId: snapshot.participantId,
     message: snapshot.message,
+    hasTicket: tickets.current !== null,
   });
-  if (snapshot.userId) storageSet('localStorage', USER_ID_STORAGE, snapshot.userId);
+  // A ticket's subject is the host app's user id: not kept beyond the visit.
+  if (snapshot.userId && !tickets.current) storageSet('localStorage', USER_ID_STORAGE, snapshot.userId);
 
   setStatus(els.status, snapshot.state, statusText(snapshot));
   els.roomName.textContent = snapshot.room || '—';
@@ -86,7 +96,7 @@ function render(snapshot) {
   els.overlay.hidden = playing;
   els.overlay.textContent = OVERLAY_TEXT[snapshot.state] || snapshot.state;
   els.unmute.hidden = !playing || !els.video.muted;
-  if (snapshot.state === 'error') showError(els.error, snapshot.message);
+  if (snapshot.state === 'error' || snapshot.state === 'ticket') showError(els.error, snapshot.message);
   else clearError(els.error);
 
   showTracks(session ? session.tracks : []);
@@ -122,11 +132,14 @@ async function main() {
     return;
   }
 
+  const claims = tickets.claims();
   session = new ViewerSession({
     sdk,
-    room: roomFromQuery() || config.defaultRoom || 'main',
+    room: roomFromQuery(),
+    shownRoom: (claims && claims.room) || config.defaultRoom || 'main',
     userId: storageGet('localStorage', USER_ID_STORAGE),
     heartbeatSeconds: config.heartbeatSeconds || DEFAULT_HEARTBEAT_SECONDS,
+    tickets,
     onUpdate: render,
   });
 
