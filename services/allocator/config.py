@@ -11,10 +11,9 @@ from services.common.capacity import read_capacity_limits
 from services.common.env import ConfigError, Env
 from services.common.ids import CLUSTER_ID_PATTERN, GRPC_ADDRESS_PATTERN
 from services.common.ivs_settings import IvsSettings, read_ivs_settings
+from services.common.redis_urls import LOCAL_REDIS_URL, REDIS_URL_PATTERN
 
 TWO_WEEKS = 20160 * 60
-LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
-REDIS_URL_PATTERN = r"(redis|rediss|unix)://\S+"
 
 
 @dataclass(frozen=True)

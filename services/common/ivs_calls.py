@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -105,8 +105,12 @@ class IvsCaller:
         metrics: IvsMetrics | None,
         max_workers: int = 8,
         throttle_retries: int = 5,
+        guard: Callable[[str], None] | None = None,
     ) -> None:
         self._client = client
+        # Runs right before each call goes out (after any wait for the budget): may refuse it by
+        # raising, e.g. a stage manager that no longer leads (services/stagemanager/leadership.py).
+        self._guard = guard
         self._budget = budget
         self._metrics = metrics
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ivs")
@@ -119,6 +123,8 @@ class IvsCaller:
         attempt = 0
         while True:
             await self._budget.acquire(operation)
+            if self._guard is not None:
+                self._guard(operation)
             started = time.perf_counter()
             try:
                 result = await loop.run_in_executor(self._pool, lambda: fn(**params))

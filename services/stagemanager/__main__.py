@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -39,10 +40,16 @@ async def main() -> None:
         settings.rooms.cluster_id,
         settings.ivs.mode,
     )
-    await wait_for_stop_signal()
+    stop_signal = asyncio.create_task(wait_for_stop_signal())
+    lost_lead = asyncio.create_task(service.must_exit.wait())
+    await asyncio.wait([stop_signal, lost_lead], return_when=asyncio.FIRST_COMPLETED)
+    stop_signal.cancel()
+    lost_lead.cancel()
     log.info("stopping")
     await service.stop(settings.shutdown_grace_seconds)
     await allocator_channel.close()
+    if service.must_exit.is_set():
+        raise SystemExit(3)  # lost the leader lease: the orchestrator starts a fresh follower
 
 
 if __name__ == "__main__":

@@ -9,8 +9,19 @@ from services.common.capacity import read_capacity_limits
 from services.common.env import ConfigError, Env
 from services.common.ids import CLUSTER_ID_PATTERN, GRPC_ADDRESS_PATTERN
 from services.common.ivs_settings import IvsSettings, read_ivs_settings
+from services.common.redis_urls import LOCAL_REDIS_URL, REDIS_URL_PATTERN
 from services.stagemanager.autoscaler import AutoscalerSettings
 from services.stagemanager.rooms import RoomSettings
+
+
+@dataclass(frozen=True)
+class SharedStateSettings:
+    """Several replicas on the deployment's Redis: one leads, the others serve reads and stand by."""
+
+    redis_url: str
+    # host:port where the other replicas reach this one (they forward writes to the leader).
+    advertise_address: str
+    lease_seconds: float
 
 
 @dataclass(frozen=True)
@@ -23,6 +34,8 @@ class StageManagerSettings:
     allocator_addr: str
     log_json: bool
     shutdown_grace_seconds: float
+    # None: one replica, state in memory (rebuilt from IVS tags after a restart).
+    shared: SharedStateSettings | None = None
 
 
 def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
@@ -57,8 +70,24 @@ def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
         quota_retry_seconds=env.float("FANOUT_QUOTA_RETRY_SECONDS", 60.0, minimum=1.0, maximum=3600.0),
         tick_seconds=env.float("FANOUT_AUTOSCALER_TICK_SECONDS", 1.0, minimum=0.05, maximum=60.0),
     )
+    listen = env.str("FANOUT_STAGEMANAGER_LISTEN", "127.0.0.1:50061", pattern=GRPC_ADDRESS_PATTERN)
+    shared = None
+    if env.choice("FANOUT_STAGEMANAGER_STORE", "memory", ("memory", "redis")) == "redis":
+        redis_url = env.str(
+            "FANOUT_REDIS_URL", LOCAL_REDIS_URL if ivs.mode == "local" else "", pattern=REDIS_URL_PATTERN
+        )
+        if not redis_url:
+            raise ConfigError("FANOUT_STAGEMANAGER_STORE=redis needs FANOUT_REDIS_URL in AWS mode")
+        shared = SharedStateSettings(
+            redis_url=redis_url,
+            advertise_address=env.str(
+                "FANOUT_STAGEMANAGER_ADVERTISE_ADDR", listen, pattern=GRPC_ADDRESS_PATTERN
+            ),
+            lease_seconds=env.float("FANOUT_LEADER_LEASE_SECONDS", 6.0, minimum=1.0, maximum=120.0),
+        )
     return StageManagerSettings(
-        listen=env.str("FANOUT_STAGEMANAGER_LISTEN", "127.0.0.1:50061", pattern=GRPC_ADDRESS_PATTERN),
+        shared=shared,
+        listen=listen,
         metrics_port=env.int("FANOUT_STAGEMANAGER_METRICS_PORT", 9461, minimum=0, maximum=65535),
         ivs=ivs,
         rooms=RoomSettings(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -34,6 +35,10 @@ class Change:
     room_record: RoomRecord | None = None
 
 
+# Put on a watcher's queue to wake it when its copy of the inventory was replaced.
+_LOST = Change(0, ChangeKind.ROOM_CHANGED, "")
+
+
 class Subscription:
     """One watcher: the snapshot it started from, then every later change in order."""
 
@@ -53,10 +58,19 @@ class Subscription:
             # A watcher too slow to keep up must resync from a fresh snapshot, not miss changes silently.
             self._lost = True
 
+    def lose(self) -> None:
+        self._lost = True
+        # Wakes a watcher waiting for its next change, so it learns at once.
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(_LOST)
+
     async def next(self) -> Change:
         if self._lost:
             raise Unavailable("watcher fell behind; reconnect for a fresh snapshot", code="watch_lagged")
-        return await self._queue.get()
+        change = await self._queue.get()
+        if change is _LOST:
+            raise Unavailable("watcher fell behind; reconnect for a fresh snapshot", code="watch_lagged")
+        return change
 
 
 class Inventory:
@@ -68,6 +82,13 @@ class Inventory:
         self._revision = time.time_ns() // 1_000
         self._subscriptions: set[Subscription] = set()
         self._queue_limit = watcher_queue_limit
+        # Called with every change, in order (the leader mirrors them into Redis).
+        self._listeners: list[Callable[[Change], None]] = []
+        # Replaced on every change: waiters hold the old one, which is set (a broadcast with no task).
+        self._changed = asyncio.Event()
+
+    def add_listener(self, listener: Callable[[Change], None]) -> None:
+        self._listeners.append(listener)
 
     @property
     def revision(self) -> int:
@@ -129,14 +150,62 @@ class Inventory:
         finally:
             self._subscriptions.discard(subscription)
 
+    async def wait_for(self, revision: int, within: float) -> bool:
+        """True once this inventory includes `revision`; False after `within` seconds."""
+        try:
+            async with asyncio.timeout(within):
+                while self._revision < revision:
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    # --- a follower's copy: the leader's changes, replayed with the leader's revisions ----------
+
+    def load(self, rooms: list[RoomRecord], revision: int) -> None:
+        """Replaces everything with the leader's state at `revision`. Watchers started from an older
+        snapshot cannot be patched up: they are told they fell behind, and start again."""
+        self._rooms = {room.room: room for room in rooms}
+        self._revision = revision
+        for subscription in self._subscriptions:
+            subscription.lose()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def apply(self, change: Change) -> None:
+        """Replays one of the leader's changes (see shared_inventory.py)."""
+        if change.revision <= self._revision:
+            return  # already in the snapshot this copy was loaded from
+        if change.kind is ChangeKind.ROOM_ENDED:
+            self._rooms.pop(change.room, None)
+        elif change.kind is ChangeKind.ROOM_CHANGED:
+            assert change.room_record is not None
+            record = change.room_record.copy(with_stages=False)
+            existing = self._rooms.get(change.room)
+            record.stages = existing.stages if existing is not None else {}
+            self._rooms[change.room] = record
+        else:
+            assert change.stage is not None
+            room = self._rooms.setdefault(change.room, RoomRecord(room=change.room, created_at=0.0))
+            if change.kind is ChangeKind.STAGE_REMOVED:
+                room.stages.pop(change.stage.index, None)
+            else:
+                room.stages[change.stage.index] = change.stage.copy()
+        self._emit(change.kind, change.room, change.stage, change.room_record, revision=change.revision)
+
     def _emit(
         self,
         kind: ChangeKind,
         room: str,
         stage: StageRecord | None = None,
         room_record: RoomRecord | None = None,
+        revision: int | None = None,
     ) -> None:
-        self._revision += 1
+        self._revision = revision if revision is not None else self._revision + 1
         change = Change(self._revision, kind, room, stage, room_record)
         for subscription in self._subscriptions:
             subscription.offer(change)
+        for listener in self._listeners:
+            listener(change)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()

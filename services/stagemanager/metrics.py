@@ -85,6 +85,16 @@ class StageManagerMetrics:
             "The account's Stage quota in the region (FANOUT_REGION_STAGE_QUOTA).",
             registry=registry,
         )
+        self.leader = Gauge(
+            "fanout_stagemanager_leader",
+            "1 while this stage manager replica leads (acts on IVS), 0 while it follows.",
+            registry=registry,
+        )
+        self.leadership_acquired = Counter(
+            "fanout_stagemanager_leadership_acquired",
+            "Times this replica took the leader lease (a change of leader when counted over replicas).",
+            registry=registry,
+        )
         self.autoscaler_decisions = Counter(
             "fanout_autoscaler_decisions",
             "Pool changes decided by the autoscaler, by room and action (scale_out, drain, delete).",

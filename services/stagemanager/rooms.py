@@ -23,7 +23,7 @@ from services.common.stage_tags import (
     TAG_ROOM,
 )
 from services.stagemanager.inventory import Inventory
-from services.stagemanager.ivs import StageApi, StageQuotaExceeded
+from services.stagemanager.ivs import IvsStage, StageApi, StageQuotaExceeded
 from services.stagemanager.metrics import StageManagerMetrics
 from services.stagemanager.model import (
     EXISTING_STATES,
@@ -80,6 +80,7 @@ class RoomManager:
         self._clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
         self._recovered = asyncio.Event()
+        self._readable = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         # CreateStage calls in flight per room: an ending waits for them, so none outlives its room.
         self._provisioning: dict[str, set[asyncio.Task[None]]] = {}
@@ -88,27 +89,46 @@ class RoomManager:
 
     @property
     def recovered(self) -> bool:
+        """This replica may act: it leads and its inventory agrees with IVS (see recover)."""
         return self._recovered.is_set()
 
-    async def wait_recovered(self) -> None:
-        await self._recovered.wait()
+    def mark_readable(self) -> None:
+        """The inventory is whole without a recovery here: a follower loaded the leader's from Redis."""
+        self._readable.set()
+
+    async def wait_readable(self) -> None:
+        await self._readable.wait()
 
     def _lock(self, room: str) -> asyncio.Lock:
         return self._locks.setdefault(room, asyncio.Lock())
 
     def _require_recovered(self) -> None:
         # Before the inventory is rebuilt, a missing room or Stage may still exist in IVS: creating
-        # Stages could duplicate them, and "not found" could be a lie.
+        # Stages could duplicate them.
         if not self._recovered.is_set():
+            raise Unavailable("the stage manager is still recovering its inventory", retry_after=2)
+
+    def _require_readable(self) -> None:
+        # Before the inventory is whole, "not found" could be a lie.
+        if not self._readable.is_set():
             raise Unavailable("the stage manager is still recovering its inventory", retry_after=2)
 
     async def recover(self) -> int:
         """Adopts this cluster's Stages from IVS (tags), ignoring every other Stage, and finishes the
-        ending of rooms that were being ended. Safe to call again after a failure. Returns the count."""
+        ending of rooms that were being ended. Safe to call again after a failure. Returns the count.
+
+        The inventory may already hold the previous leader's state (loaded from Redis): then this
+        reconciles it with IVS in one ListStages pass, calling GetStage only for Stages it does not
+        know (made after the old leader's last write), and finishes what the old leader left half
+        done (a Stage being created, deleted, a room being ended)."""
         found = await self._stages.list_cluster_stages(self._settings.cluster_id)
         now = self._clock()
+        self._reconcile_known(found)
         # A room with an ending tag on any Stage was being ended: it is deleted, never revived.
         endings = {s.tags.get(TAG_ROOM, ""): s.arn for s in found if s.tags.get(TAG_ENDING)}
+        for known in self._inventory.rooms():
+            if known.ending:
+                endings.setdefault(known.room, "")
         adopted = 0
         for summary in sorted(found, key=lambda s: (s.tags.get(TAG_ROOM, ""), _index_tag(s.tags))):
             room_id = summary.tags.get(TAG_ROOM, "")
@@ -119,7 +139,7 @@ class RoomManager:
                 continue
             room = self._inventory.room(room_id)
             if room is not None and room.stage_by_arn(summary.arn) is not None:
-                continue  # adopted by an earlier attempt that failed further on
+                continue  # known: adopted by an earlier attempt, or written by the old leader
             try:
                 described = await self._stages.get_stage(summary.arn)
             except NotFound:
@@ -162,9 +182,23 @@ class RoomManager:
                 self._spawn(self._delete_room(room_id, marker))
         self._drain_orphan_replicas()
         self._recovered.set()
+        self._readable.set()
         self.replication_due.set()
         log.info("recovered %d Stage(s) in %d room(s)", adopted, len(self._inventory.rooms()))
         return adopted
+
+    def _reconcile_known(self, found: list[IvsStage]) -> None:
+        in_ivs = {stage.arn for stage in found}
+        for room in self._inventory.rooms():
+            for stage in list(room.stages.values()):
+                if stage.state is StageState.FAILED:
+                    continue
+                if not stage.arn or stage.arn not in in_ivs:
+                    # Never made (a CreateStage the old leader did not see answered: if it succeeded,
+                    # the Stage is in `found` and is adopted), or deleted since the last write.
+                    self._inventory.remove_stage(stage)
+                elif stage.state is StageState.DELETING and not room.ending:
+                    self._spawn(self._delete_stage(stage))
 
     def _drain_orphan_replicas(self) -> None:
         """A replica whose origin is gone (deleted before a restart) has no feed: it drains."""
@@ -299,14 +333,14 @@ class RoomManager:
 
     def get_room(self, room_id: str) -> tuple[RoomRecord, int]:
         check_room_id(room_id)
-        self._require_recovered()
+        self._require_readable()
         room = self._inventory.room(room_id)
         if room is None:
             raise NotFound(f"room {room_id} does not exist", code="room_not_found")
         return room.copy(), self._inventory.revision
 
     def list_rooms(self) -> tuple[list[RoomRecord], int]:
-        self._require_recovered()
+        self._require_readable()
         return [room.copy() for room in self._inventory.rooms()], self._inventory.revision
 
     async def report_publisher_status(

@@ -4,26 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import redis.asyncio as redis
 from prometheus_client import CollectorRegistry
+from redis.exceptions import RedisError
 
 from protos.fanout.v1 import allocator_pb2_grpc, stagemanager_pb2, stagemanager_pb2_grpc
 from services.common.errors import FanoutError
 from services.common.grpc_server import GrpcServer, GrpcServerMetrics, start_grpc_server
 from services.common.ivs_calls import CallBudget, IvsCaller, IvsMetrics
 from services.common.lifecycle import cancel_and_wait
+from services.common.timeouts import STORE_CALL_SECONDS
+from services.stagemanager import shared_inventory
 from services.stagemanager.autoscaler import Autoscaler
 from services.stagemanager.config import StageManagerSettings
+from services.stagemanager.forwarding import LeaderRoute
 from services.stagemanager.inventory import Inventory
 from services.stagemanager.ivs import ReplicationApi, StageApi
+from services.stagemanager.leadership import LeaderLease, Leadership, SoleReplica, fence_ivs_changes
 from services.stagemanager.metrics import StageManagerMetrics, follow_inventory
 from services.stagemanager.occupancy import AllocatorOccupancy
 from services.stagemanager.replication import Replicator
 from services.stagemanager.rooms import RoomManager
 from services.stagemanager.servicer import StageManagerServicer
+from services.stagemanager.shared_inventory import InventoryFollower, InventoryMirror, namespace
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +49,11 @@ class StageManagerService:
     inventory: Inventory
     caller: IvsCaller
     tasks: list[asyncio.Task[None]]
+    # Set when this process must end: it led and lost the lease (a fresh start rejoins as a follower).
+    must_exit: asyncio.Event = field(default_factory=asyncio.Event)
+    route: LeaderRoute | None = None
+    lease: LeaderLease | None = None
+    redis: Any = None
 
     @property
     def port(self) -> int:
@@ -44,8 +61,14 @@ class StageManagerService:
 
     async def stop(self, grace: float) -> None:
         await cancel_and_wait(self.tasks)
+        if self.lease is not None and not self.must_exit.is_set():
+            await self.lease.release()
         await self.grpc.stop(grace)
         await self.rooms.close()
+        if self.route is not None:
+            await self.route.close()
+        if self.redis is not None:
+            await self.redis.aclose()
         self.caller.close()
 
 
@@ -55,13 +78,32 @@ async def start_stage_manager(
     allocator_channel: grpc.aio.Channel,
     registry: CollectorRegistry,
 ) -> StageManagerService:
-    """Starts serving at once (NOT_SERVING) and becomes SERVING when the inventory is recovered."""
-    caller = IvsCaller(ivs_client, CallBudget(), IvsMetrics(registry))
-    inventory = Inventory()
+    """Starts serving at once (NOT_SERVING) and becomes SERVING when the inventory is whole: recovered
+    from IVS (one replica, or the leader), or loaded from Redis (a follower)."""
     metrics = StageManagerMetrics(registry)
+    lease: LeaderLease | None = None
+    client = None
+    leadership: Leadership = SoleReplica()
+    if settings.shared is not None:
+        client = redis.Redis.from_url(
+            settings.shared.redis_url,
+            socket_timeout=STORE_CALL_SECONDS,
+            socket_connect_timeout=STORE_CALL_SECONDS,
+        )
+        lease = LeaderLease(
+            client,
+            namespace(settings.rooms.cluster_id),
+            holder=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+            address=settings.shared.advertise_address,
+            ttl_seconds=settings.shared.lease_seconds,
+        )
+        leadership = lease
+    caller = IvsCaller(ivs_client, CallBudget(), IvsMetrics(registry), guard=fence_ivs_changes(leadership))
+    inventory = Inventory()
     rooms = RoomManager(inventory, StageApi(caller), settings.rooms, metrics)
     replicator = Replicator(rooms, inventory, ReplicationApi(caller), settings.rooms, metrics)
-    servicer = StageManagerServicer(rooms, inventory)
+    route = LeaderRoute(leadership, inventory, lease)
+    servicer = StageManagerServicer(rooms, inventory, route)
     occupancy = AllocatorOccupancy(allocator_pb2_grpc.AllocatorStub(allocator_channel))
     autoscaler = Autoscaler(rooms, inventory, occupancy, settings.autoscaler, metrics)
 
@@ -71,13 +113,84 @@ async def start_stage_manager(
     server = await start_grpc_server(
         settings.listen, register, [SERVICE_NAME], GrpcServerMetrics(registry), serving=False
     )
-    tasks = [
-        asyncio.create_task(_recover_until_done(rooms, server)),
-        asyncio.create_task(follow_inventory(inventory, metrics, settings.rooms.limits)),
-        asyncio.create_task(autoscaler.run()),
-        asyncio.create_task(replicator.run()),
-    ]
-    return StageManagerService(server, rooms, inventory, caller, tasks)
+    service = StageManagerService(
+        server, rooms, inventory, caller, [], route=route, lease=lease, redis=client
+    )
+
+    def act() -> list[asyncio.Task[None]]:
+        """What only the leader does, once its inventory agrees with IVS."""
+        return [asyncio.create_task(autoscaler.run()), asyncio.create_task(replicator.run())]
+
+    service.tasks.append(asyncio.create_task(follow_inventory(inventory, metrics, settings.rooms.limits)))
+    if lease is None or client is None:
+        metrics.leader.set(1)
+
+        async def recover_then_act() -> None:
+            await _recover_until_done(rooms, server)
+            service.tasks.extend(act())
+
+        service.tasks.append(asyncio.create_task(recover_then_act()))
+    else:
+        service.tasks.append(
+            asyncio.create_task(
+                _lead_or_follow(
+                    service, lease, client, settings.rooms.cluster_id, inventory, rooms, server, metrics, act
+                )
+            )
+        )
+    return service
+
+
+async def _lead_or_follow(
+    service: StageManagerService,
+    lease: LeaderLease,
+    client: Any,
+    cluster_id: str,
+    inventory: Inventory,
+    rooms: RoomManager,
+    server: GrpcServer,
+    metrics: StageManagerMetrics,
+    act: Callable[[], list[asyncio.Task[None]]],
+) -> None:
+    """Follows the leader's inventory (serving reads) until this replica wins the lease, then takes
+    over: replays what the old leader wrote last, reconciles with IVS, and acts. Ends the process
+    when the lease is lost."""
+    follower = InventoryFollower(client, cluster_id, inventory)
+    delay = 0.5
+    while True:
+        try:
+            await follower.load()
+            break
+        except (RedisError, OSError) as error:
+            log.warning("cannot read the shared inventory (%s); retrying in %.1fs", error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    rooms.mark_readable()
+    await server.set_serving(True)
+    following = asyncio.create_task(follower.run())
+    campaign = asyncio.create_task(lease.run())
+    service.tasks.extend([following, campaign])
+    await lease.became_leader.wait()
+    await cancel_and_wait([following])
+    started = time.monotonic()
+    await follower.catch_up()
+    mirror = InventoryMirror(client, cluster_id, inventory, lease)
+    service.tasks.append(asyncio.create_task(mirror.run()))
+    if not await follower.leader_wrote_state():
+        # No leader wrote an inventory yet (or Redis lost it): the whole of it is rebuilt from IVS and
+        # written afresh, so followers load a state that matches it.
+        await shared_inventory.clear(client, cluster_id)
+        # Revisions from the wall clock, as a lone stage manager's (they keep increasing over restarts).
+        inventory.load([], time.time_ns() // 1_000)
+    metrics.leader.set(1)
+    metrics.leadership_acquired.inc()
+    await _recover_until_done(rooms, server)
+    log.info("took over as leader in %.1f s", time.monotonic() - started)
+    service.tasks.extend(act())
+    await lease.lost.wait()
+    metrics.leader.set(0)
+    log.error("this replica no longer leads; ending the process so that it restarts as a follower")
+    service.must_exit.set()
 
 
 async def _recover_until_done(rooms: RoomManager, server: GrpcServer) -> None:

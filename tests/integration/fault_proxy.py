@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable
 from enum import Enum
 
 
@@ -23,6 +24,8 @@ class FaultProxy:
     def __init__(self) -> None:
         self.fault = Fault.NONE
         self.target_port = 0
+        # The HTTP requests that went through, in order, as "METHOD /path" (the IVS operation).
+        self.requests: list[str] = []
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -65,7 +68,9 @@ class FaultProxy:
                 await asyncio.Event().wait()
             upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
             try:
-                await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+                await asyncio.gather(
+                    _pipe(reader, upstream_writer, self._saw), _pipe(upstream_reader, writer)
+                )
             finally:
                 upstream_writer.close()
         except (ConnectionError, asyncio.CancelledError):
@@ -74,9 +79,19 @@ class FaultProxy:
             self._connections.discard(task)
             writer.close()
 
+    def _saw(self, data: bytes) -> None:
+        self.requests.extend(f"{m.decode()} {p.decode()}" for m, p in _REQUEST_LINE.findall(data))
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+_REQUEST_LINE = re.compile(rb"(GET|POST|PUT|DELETE|PATCH) (/\S*) HTTP/1\.[01]\r\n")
+
+
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, saw: Callable[[bytes], None] | None = None
+) -> None:
     while data := await reader.read(65536):
+        if saw is not None:
+            saw(data)
         writer.write(data)
         await writer.drain()
     with contextlib.suppress(OSError):
