@@ -31,6 +31,19 @@ from services.stagemanager.config import read_settings as read_stagemanager
         ({"FANOUT_DIRECT_STAGES": "0"}, "FANOUT_DIRECT_STAGES"),
         ({"FANOUT_MIN_STAGES": "7"}, "FANOUT_MIN_STAGES"),  # more than 1 x (1 + 5)
         ({"FANOUT_REGION_STAGE_QUOTA": "-1"}, "FANOUT_REGION_STAGE_QUOTA"),
+        ({"FANOUT_STAGEMANAGER_STORE": "etcd"}, "FANOUT_STAGEMANAGER_STORE"),
+        (
+            {"FANOUT_MODE": "aws", "AWS_REGION": "us-east-1", "FANOUT_STAGEMANAGER_STORE": "redis"},
+            "FANOUT_REDIS_URL",
+        ),
+        (
+            {"FANOUT_STAGEMANAGER_STORE": "redis", "FANOUT_LEADER_LEASE_SECONDS": "0.1"},
+            "FANOUT_LEADER_LEASE_SECONDS",
+        ),
+        (
+            {"FANOUT_STAGEMANAGER_ADVERTISE_ADDR": "no-port", "FANOUT_STAGEMANAGER_STORE": "redis"},
+            "FANOUT_STAGEMANAGER_ADVERTISE_ADDR",
+        ),
     ],
 )
 def test_stage_manager_rejects_bad_values_naming_the_variable(environ: dict[str, str], variable: str) -> None:
@@ -76,6 +89,16 @@ def test_defaults_are_the_designs() -> None:
     assert allocator.self_signed and allocator.signing_key_file is not None
     assert stagemanager.rooms.min_stages == 1
     assert stagemanager.rooms.cluster_id == "local"
+
+
+def test_the_stage_manager_shares_its_state_only_when_told() -> None:
+    assert read_stagemanager({}).shared is None  # one replica, memory
+    shared = read_stagemanager(
+        {"FANOUT_STAGEMANAGER_STORE": "redis", "FANOUT_STAGEMANAGER_LISTEN": "0.0.0.0:50061"}
+    ).shared
+    assert shared is not None and shared.redis_url == "redis://127.0.0.1:6379/0"
+    # Other replicas must reach it: by default where it listens, in Kubernetes its pod IP.
+    assert shared.advertise_address == "0.0.0.0:50061" and shared.lease_seconds == 6.0
 
 
 def test_mode_is_local_unless_a_region_is_configured() -> None:
