@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -107,19 +109,28 @@ _ROOM_LIMITS = ("stages", "origins", "replicas_per_origin")
 
 
 async def follow_inventory(
-    inventory: Inventory, metrics: StageManagerMetrics, limits: CapacityLimits
+    inventory: Inventory,
+    metrics: StageManagerMetrics,
+    limits: CapacityLimits,
+    leads: Callable[[], bool] = lambda: True,
 ) -> None:
-    """Keeps the gauges equal to the inventory, refreshed on each of its changes."""
+    """Keeps the gauges equal to the inventory, refreshed on each of its changes. Only the leader
+    reports them: a follower's copy is the same inventory, and two replicas reporting it would make
+    every sum over instances count each Stage twice."""
     known_rooms: set[str] = set()
     metrics.region_stage_quota.set(limits.region_stage_quota)
     while True:
         with inventory.subscribe() as subscription:
             try:
                 while True:
-                    _publish(inventory, metrics, known_rooms, limits)
-                    await subscription.next()
+                    if leads():
+                        _publish(inventory, metrics, known_rooms, limits)
+                    # Also now and then: a follower that took over reports without waiting for a change.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(subscription.next(), 5.0)
             except Unavailable:
-                log.warning("metrics fell behind the inventory; resynchronising")
+                # A follower's copy was replaced wholesale (loaded from Redis): start again from it.
+                log.info("inventory replaced; metrics follow the new one")
                 await asyncio.sleep(0)
 
 

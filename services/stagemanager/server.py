@@ -121,7 +121,11 @@ async def start_stage_manager(
         """What only the leader does, once its inventory agrees with IVS."""
         return [asyncio.create_task(autoscaler.run()), asyncio.create_task(replicator.run())]
 
-    service.tasks.append(asyncio.create_task(follow_inventory(inventory, metrics, settings.rooms.limits)))
+    service.tasks.append(
+        asyncio.create_task(
+            follow_inventory(inventory, metrics, settings.rooms.limits, lambda: leadership.is_leader)
+        )
+    )
     if lease is None or client is None:
         metrics.leader.set(1)
 
