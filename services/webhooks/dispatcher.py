@@ -78,11 +78,13 @@ class Dispatcher:
             wait = POLL_SECONDS
             try:
                 now = self._clock()
-                claimed = await self._outbox.claim(
-                    endpoint.key, now, BATCH, now + self._timeout + LEASE_MARGIN_SECONDS
-                )
+                lease = now + self._timeout + LEASE_MARGIN_SECONDS
+                claimed = await self._outbox.claim(endpoint.key, now, BATCH, lease)
                 await asyncio.gather(
-                    *(self._attempt_in_order(http, endpoint, chain, failing) for chain in by_room(claimed))
+                    *(
+                        self._attempt_in_order(http, endpoint, chain, lease, failing)
+                        for chain in by_room(claimed)
+                    )
                 )
                 now = self._clock()
                 backlog = await self._outbox.backlog(endpoint.key)
@@ -107,9 +109,22 @@ class Dispatcher:
                 await asyncio.wait_for(waker.wait(), wait)
 
     async def _attempt_in_order(
-        self, http: aiohttp.ClientSession, endpoint: Endpoint, chain: list[Delivery], failing: _Failing
+        self,
+        http: aiohttp.ClientSession,
+        endpoint: Endpoint,
+        chain: list[Delivery],
+        lease: float,
+        failing: _Failing,
     ) -> None:
-        for delivery in chain:
+        for position, delivery in enumerate(chain):
+            # The claim covers one attempt: each later one extends it first, unless another
+            # dispatcher took the delivery over meanwhile (then it is theirs).
+            renewed = self._clock() + self._timeout + LEASE_MARGIN_SECONDS
+            try:
+                if position and not await self._outbox.renew(endpoint.key, delivery.event_id, lease, renewed):
+                    continue
+            except Unavailable:
+                return
             await self._attempt(http, endpoint, delivery, failing)
 
     async def _attempt(

@@ -76,6 +76,10 @@ class Outbox(Protocol):
         dies holding them loses nothing: they come due again)."""
         ...
 
+    async def renew(self, endpoint: str, event_id: str, held_until: float, until: float) -> bool:
+        """Extends a claim that still holds (nobody claimed the delivery since); False if it does not."""
+        ...
+
     async def retry(self, endpoint: str, event_id: str, at: float) -> None:
         """A failed attempt: counts it, and makes the delivery due again at `at`."""
         ...
@@ -139,6 +143,13 @@ class MemoryOutbox:
             pending.due_at = lease_until
             claimed.append(Delivery(event_id, self._bodies[event_id], pending.created_at, pending.attempts))
         return claimed
+
+    async def renew(self, endpoint: str, event_id: str, held_until: float, until: float) -> bool:
+        pending = self._queues[endpoint].pending.get(event_id)
+        if pending is None or pending.due_at != held_until:
+            return False
+        pending.due_at = until
+        return True
 
     async def retry(self, endpoint: str, event_id: str, at: float) -> None:
         pending = self._queues[endpoint].pending.get(event_id)

@@ -80,6 +80,14 @@ end
 return claimed
 """
 
+# KEYS: due. ARGV: id, the claim's end as the claimant set it, its new end.
+_RENEW = """
+local held = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not held or tonumber(held) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
+"""
+
 # KEYS: due, attempts. ARGV: id, due at.
 _RETRY = """
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
@@ -111,6 +119,7 @@ class RedisOutbox:
         self._endpoints = list(endpoints)
         self._record = client.register_script(_RECORD)
         self._claim = client.register_script(_CLAIM)
+        self._renew = client.register_script(_RENEW)
         self._retry = client.register_script(_RETRY)
         self._finish = client.register_script(_FINISH)
 
@@ -145,6 +154,11 @@ class RedisOutbox:
             )
             for i in range(0, len(flat), 4)
         ]
+
+    async def renew(self, endpoint: str, event_id: str, held_until: float, until: float) -> bool:
+        keys = [self._queue(endpoint, "due")]
+        args = [event_id, repr(held_until), repr(until)]
+        return bool(await self._call(lambda: self._renew(keys=keys, args=args)))
 
     async def retry(self, endpoint: str, event_id: str, at: float) -> None:
         keys = [self._queue(endpoint, "due"), self._queue(endpoint, "attempts")]

@@ -117,3 +117,18 @@ async def test_an_unreachable_redis_is_unavailable_not_a_crash() -> None:
             await store.backlog("a")
     finally:
         await store.close()
+
+
+async def test_a_claim_is_renewed_only_while_nobody_else_took_it_over(outbox: Outbox) -> None:
+    first, second = event(EventType.STAGE_ADDED), event(EventType.STAGE_ADDED)
+    await outbox.record("main", Transition.set("stage:1"), first)
+    await outbox.record("main", Transition.set("stage:2"), second)
+    held = T0 + 15
+    assert len(await outbox.claim("a", T0, 10, held)) == 2
+    # The first attempt took long: before the second, its claim is extended.
+    assert await outbox.renew("a", second.id, held, T0 + 40)
+    # Another dispatcher claimed the first one after its claim ran out: the old holder cannot renew it.
+    [taken] = await outbox.claim("a", T0 + 20, 10, T0 + 35)
+    assert taken.event_id == first.id
+    assert not await outbox.renew("a", first.id, held, T0 + 50)
+    assert not await outbox.renew("a", "msg_unknown", held, T0 + 50)
