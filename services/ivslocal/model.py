@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import itertools
 import logging
-import secrets
-import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -32,6 +28,7 @@ from services.ivslocal.errors import (
     TokenNotAllowedError,
     ValidationError,
 )
+from services.ivslocal.resources import Page, paginate, random_id
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +45,6 @@ REPLICATIONS_PER_PARTICIPANT = 5
 # kid of the tokens CreateParticipantToken mints; never a valid public-key ARN, so it cannot collide.
 EMULATOR_KEY_ID = "ivslocal-participant-tokens"
 CLAIMS_VERSION = "1.0"
-
-_ALPHANUMERICS = string.ascii_letters + string.digits
-_CURSOR_PREFIX = "ivslocal:"
-
-T = TypeVar("T")
-
-
-def random_id(length: int) -> str:
-    return "".join(secrets.choice(_ALPHANUMERICS) for _ in range(length))
 
 
 def utc_now() -> datetime:
@@ -258,12 +246,6 @@ class VerifiedToken:
 
 
 @dataclass(frozen=True)
-class Page(Generic[T]):
-    items: list[T]
-    next_token: str | None
-
-
-@dataclass(frozen=True)
 class ParticipantChange:
     """Told to listeners (the events socket) so they can act on joins, leaves and publish changes."""
 
@@ -384,7 +366,7 @@ class IvsState:
 
     def list_stages(self, *, next_token: str | None = None, max_results: int | None = None) -> Page[Stage]:
         self._settle()
-        return _paginate(list(self._stages.values()), lambda s: s.seq, next_token, max_results)
+        return paginate(list(self._stages.values()), lambda s: s.seq, next_token, max_results)
 
     def update_stage(
         self, arn: str, *, name: str | None = None, recording_configuration: Mapping[str, Any] | None = None
@@ -553,7 +535,7 @@ class IvsState:
         self, *, next_token: str | None = None, max_results: int | None = None
     ) -> Page[PublicKey]:
         self._settle()
-        return _paginate(list(self._public_keys.values()), lambda k: k.seq, next_token, max_results)
+        return paginate(list(self._public_keys.values()), lambda k: k.seq, next_token, max_results)
 
     def delete_public_key(self, arn: str) -> None:
         """Deletes the key; tokens signed with it cannot join from now on."""
@@ -577,7 +559,7 @@ class IvsState:
         self._settle()
         stage = self._stages.get(check.stage_arn(stage_arn, "stageArn"))
         sessions = list(reversed(stage.sessions)) if stage else []
-        return _paginate(sessions, lambda s: s.seq, next_token, max_results, descending=True)
+        return paginate(sessions, lambda s: s.seq, next_token, max_results, descending=True)
 
     def get_stage_session(self, stage_arn: str, session_id: str) -> StageSession:
         self._settle()
@@ -618,7 +600,7 @@ class IvsState:
             participants = [p for p in participants if p.published == filter_by_published]
         if filter_by_state is not None:
             participants = [p for p in participants if p.state == filter_by_state]
-        return _paginate(participants, lambda p: p.seq, next_token, max_results)
+        return paginate(participants, lambda p: p.seq, next_token, max_results)
 
     def get_participant(self, stage_arn: str, session_id: str, participant_id: str) -> Participant:
         self._settle()
@@ -675,7 +657,7 @@ class IvsState:
         session = next((s for s in stage.sessions if s.session_id == session_id), None) if stage else None
         participant = session.participants.get(participant_id) if session else None
         events = list(participant.events) if participant else []
-        return _paginate(events, lambda e: e.seq, next_token, max_results)
+        return paginate(events, lambda e: e.seq, next_token, max_results)
 
     # --- replication ----------------------------------------------------------------------------
 
@@ -829,7 +811,7 @@ class IvsState:
             ),
             key=lambda r: r.seq,
         )
-        return _paginate(replications, lambda r: r.seq, next_token, limit)
+        return paginate(replications, lambda r: r.seq, next_token, limit)
 
     def active_replication_into(self, destination_stage_arn: str, participant_id: str) -> Replication | None:
         """The ACTIVE replication whose replica is `participant_id` in the destination Stage, if any."""
@@ -1163,35 +1145,3 @@ class IvsState:
                 **details,
             )
         )
-
-
-def _paginate(
-    items: list[T],
-    key: Callable[[T], int],
-    next_token: str | None,
-    max_results: int | None,
-    *,
-    descending: bool = False,
-) -> Page[T]:
-    """A page of `items` (already in list order) after the item whose key the token names."""
-    limit = check.max_results(max_results)
-    if next_token:
-        after = _decode_page_token(next_token)
-        items = [item for item in items if (key(item) < after if descending else key(item) > after)]
-    page = items[:limit]
-    token = _encode_page_token(key(page[-1])) if len(items) > limit else None
-    return Page(page, token)
-
-
-def _encode_page_token(position: int) -> str:
-    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{position}".encode()).decode("ascii")
-
-
-def _decode_page_token(token: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(token.encode("ascii")).decode("ascii")
-    except (binascii.Error, UnicodeError, ValueError):
-        raise ValidationError("nextToken is invalid") from None
-    if not text.startswith(_CURSOR_PREFIX) or not text[len(_CURSOR_PREFIX) :].isdigit():
-        raise ValidationError("nextToken is invalid")
-    return int(text[len(_CURSOR_PREFIX) :])
