@@ -5,6 +5,7 @@ from __future__ import annotations
 _STAGE_TPS = 5.0
 _PUBLIC_KEY_TPS = 3.0
 _TAG_TPS = 10.0
+_COMPOSITION_TPS = 5.0
 
 # Calls per second per account and region; none is adjustable in AWS.
 OPERATION_RATES: dict[str, float] = {
@@ -33,5 +34,19 @@ OPERATION_RATES: dict[str, float] = {
     # repair storm stays within what every other Stage call gets.
     **dict.fromkeys(
         ("StartParticipantReplication", "StopParticipantReplication", "ListParticipantReplicas"), _STAGE_TPS
+    ),
+    # "Composition, Encoder/Ingest/Storage configuration operations: 5 TPS each" on the quota page.
+    **dict.fromkeys(
+        (
+            "CreateEncoderConfiguration",
+            "GetEncoderConfiguration",
+            "ListEncoderConfigurations",
+            "DeleteEncoderConfiguration",
+            "StartComposition",
+            "GetComposition",
+            "ListCompositions",
+            "StopComposition",
+        ),
+        _COMPOSITION_TPS,
     ),
 }
