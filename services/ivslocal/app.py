@@ -186,6 +186,64 @@ def _list_participant_replicas(state: IvsState, body: Body, host: str) -> dict[s
     return _page("replicas", [wire.participant_replica_json(r) for r in page.items], page.next_token)
 
 
+def _create_encoder_configuration(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    configuration = state.create_encoder_configuration(
+        name=body.text("name"), video=body.mapping("video"), tags=body.text_map("tags")
+    )
+    return {"encoderConfiguration": wire.encoder_configuration_json(configuration)}
+
+
+def _get_encoder_configuration(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    configuration = state.get_encoder_configuration(body.required_text("arn"))
+    return {"encoderConfiguration": wire.encoder_configuration_json(configuration)}
+
+
+def _list_encoder_configurations(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    page = state.list_encoder_configurations(
+        next_token=body.text("nextToken"), max_results=body.integer("maxResults")
+    )
+    summaries = [wire.encoder_configuration_summary_json(c) for c in page.items]
+    return _page("encoderConfigurations", summaries, page.next_token)
+
+
+def _delete_encoder_configuration(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    state.delete_encoder_configuration(body.required_text("arn"))
+    return {}
+
+
+def _start_composition(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    destinations = body.objects("destinations")
+    if destinations is None:
+        raise ValidationError("destinations is required")
+    composition = state.start_composition(
+        body.required_text("stageArn"),
+        destinations,
+        layout=body.mapping("layout"),
+        tags=body.text_map("tags"),
+        idempotency_token=body.text("idempotencyToken"),
+    )
+    return {"composition": wire.composition_json(composition)}
+
+
+def _get_composition(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    return {"composition": wire.composition_json(state.get_composition(body.required_text("arn")))}
+
+
+def _list_compositions(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    page = state.list_compositions(
+        filter_by_stage_arn=body.text("filterByStageArn"),
+        filter_by_encoder_configuration_arn=body.text("filterByEncoderConfigurationArn"),
+        next_token=body.text("nextToken"),
+        max_results=body.integer("maxResults"),
+    )
+    return _page("compositions", [wire.composition_summary_json(c) for c in page.items], page.next_token)
+
+
+def _stop_composition(state: IvsState, body: Body, host: str) -> dict[str, Any]:
+    state.stop_composition(body.required_text("arn"))
+    return {}
+
+
 def _page(name: str, items: list[dict[str, Any]], next_token: str | None) -> dict[str, Any]:
     result: dict[str, Any] = {name: items}
     if next_token is not None:
@@ -213,6 +271,14 @@ OPERATIONS: dict[str, Operation] = {
     "StartParticipantReplication": _start_participant_replication,
     "StopParticipantReplication": _stop_participant_replication,
     "ListParticipantReplicas": _list_participant_replicas,
+    "CreateEncoderConfiguration": _create_encoder_configuration,
+    "GetEncoderConfiguration": _get_encoder_configuration,
+    "ListEncoderConfigurations": _list_encoder_configurations,
+    "DeleteEncoderConfiguration": _delete_encoder_configuration,
+    "StartComposition": _start_composition,
+    "GetComposition": _get_composition,
+    "ListCompositions": _list_compositions,
+    "StopComposition": _stop_composition,
 }
 
 
@@ -268,6 +334,16 @@ async def list_tags_handler(request: web.Request) -> web.Response:
 
 async def stats_handler(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATS_KEY].as_dict())
+
+
+async def fail_composition_handler(request: web.Request) -> web.Response:
+    """Test knob, not an IVS operation: `{"arn", "destinationId"?}` sends the composition to FAILED with
+    that destination (or every one) FAILED, as when a broadcast fails past all retries."""
+    body = Body.parse(await request.read())
+    composition = request.app[STATE_KEY].fail_composition(
+        body.required_text("arn"), destination_id=body.text("destinationId")
+    )
+    return _ok({"composition": wire.composition_json(composition)})
 
 
 async def token_key_handler(request: web.Request) -> web.Response:
@@ -370,6 +446,7 @@ def create_app(
     app.cleanup_ctx.append(_settle_periodically)
     app.router.add_get("/_emulator/stats", stats_handler)
     app.router.add_get("/_emulator/token-key", token_key_handler)
+    app.router.add_post("/_emulator/compositions/fail", fail_composition_handler)
     # The Stage endpoints' `events` URL: participants' sockets (services.ivslocal.events).
     app.router.add_get("/events", events_handler)
     # .+ because the ARN arrives percent-encoded and may contain "/" once decoded.

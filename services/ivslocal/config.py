@@ -14,6 +14,10 @@ ACCOUNT_ID = "123456789012"
 # Fixed IVS quotas (ivs-facts §3): not adjustable in AWS, so not settings here either.
 PUBLISHERS_PER_STAGE = 12
 PUBLIC_KEY_QUOTA = 3
+# Adjustable in AWS (ivs-facts §3), so settings here, with AWS's defaults.
+COMPOSITION_QUOTA = 20
+COMPOSITIONS_PER_STAGE = 5
+ENCODER_CONFIGURATION_QUOTA = 20
 
 _URL = r"https?://[^\s]+"
 
@@ -39,6 +43,16 @@ class Settings:
     events_sqs_queue_url: str | None = None
     events_sqs_endpoint: str | None = None
     events_sqs_region: str = REGION
+    composition_quota: int = COMPOSITION_QUOTA
+    compositions_per_stage: int = COMPOSITIONS_PER_STAGE
+    encoder_configuration_quota: int = ENCODER_CONFIGURATION_QUOTA
+    # How long a composition stays STARTING before ACTIVE, and STOPPING before STOPPED: AWS takes
+    # seconds; a caller should see the in-between state, but tests should not wait for it.
+    composition_transition_seconds: float = 1.0
+    # A composition stops on its own after this long without a publisher on its Stage (60 s in AWS).
+    composition_idle_timeout_seconds: float = 60.0
+    # STOPPED and FAILED compositions are deleted "after a few minutes" in AWS.
+    composition_retention_seconds: float = 300.0
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -63,4 +77,20 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         events_sqs_queue_url=queue_url,
         events_sqs_endpoint=endpoint,
         events_sqs_region=env.str("FANOUT_IVSLOCAL_EVENTS_SQS_REGION", REGION, pattern=r"[a-z0-9-]+"),
+        composition_quota=env.int("FANOUT_IVSLOCAL_COMPOSITION_QUOTA", COMPOSITION_QUOTA, minimum=0),
+        compositions_per_stage=env.int(
+            "FANOUT_IVSLOCAL_COMPOSITIONS_PER_STAGE", COMPOSITIONS_PER_STAGE, minimum=0
+        ),
+        encoder_configuration_quota=env.int(
+            "FANOUT_IVSLOCAL_ENCODER_CONFIGURATION_QUOTA", ENCODER_CONFIGURATION_QUOTA, minimum=0
+        ),
+        composition_transition_seconds=env.float(
+            "FANOUT_IVSLOCAL_COMPOSITION_TRANSITION_SECONDS", 1.0, minimum=0.0, maximum=600.0
+        ),
+        composition_idle_timeout_seconds=env.float(
+            "FANOUT_IVSLOCAL_COMPOSITION_IDLE_TIMEOUT_SECONDS", 60.0, minimum=0.0, maximum=86400.0
+        ),
+        composition_retention_seconds=env.float(
+            "FANOUT_IVSLOCAL_COMPOSITION_RETENTION_SECONDS", 300.0, minimum=0.0, maximum=86400.0
+        ),
     )

@@ -1,4 +1,7 @@
-"""The emulator's core: Stages, sessions, participants, replications and public keys, by IVS's rules."""
+"""The emulator's core: Stages, sessions, participants, replications and public keys, by IVS's rules.
+
+Compositions and encoder configurations live in services.ivslocal.compositions; IvsState owns them.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.common import jwt_es384
 from services.ivslocal import validation as check
+from services.ivslocal.compositions import Composition, Compositions, EncoderConfiguration
 from services.ivslocal.config import Settings
 from services.ivslocal.errors import (
     ConflictError,
@@ -288,6 +292,13 @@ class IvsState:
         self._replications: dict[tuple[str, str, str], Replication] = {}
         self._listeners: list[Listener] = []
         self._seq = itertools.count(1)
+        self._compositions = Compositions(
+            self.settings,
+            arn=self._arn,
+            next_seq=lambda: next(self._seq),
+            stage_exists=lambda arn: arn in self._stages,
+            stage_has_publisher=self._stage_has_publisher,
+        )
 
     # --- identity -------------------------------------------------------------------------------
 
@@ -401,6 +412,7 @@ class IvsState:
                 self._end_session(session, now)
         del self._stages[arn]
         self._deleted_stage_arns.add(arn)
+        self._compositions.stage_deleted(arn, now)
         log.info("deleted stage %s", arn)
 
     def _stage(self, arn: str) -> Stage:
@@ -408,6 +420,14 @@ class IvsState:
         if stage is None:
             raise ResourceNotFoundError(f"Stage not found: {arn}")
         return stage
+
+    def _stage_has_publisher(self, arn: str) -> bool:
+        """Whether someone (a replica included) publishes in the Stage now: what a composition mixes."""
+        stage = self._stages.get(arn)
+        session = stage.active_session if stage else None
+        if session is None:
+            return False
+        return any(p.state == CONNECTED and p.publishing for p in session.participants.values())
 
     # --- tags -----------------------------------------------------------------------------------
 
@@ -425,15 +445,86 @@ class IvsState:
     def list_tags_for_resource(self, resource_arn: str) -> dict[str, str]:
         return dict(self._taggable(resource_arn).tags)
 
-    def _taggable(self, resource_arn: str) -> Stage | PublicKey:
+    def _taggable(self, resource_arn: str) -> Stage | PublicKey | EncoderConfiguration | Composition:
         self._settle()
         check.resource_arn(resource_arn)
-        resource: Stage | PublicKey | None = self._stages.get(resource_arn) or self._public_keys.get(
-            resource_arn
+        resource: Stage | PublicKey | EncoderConfiguration | Composition | None = (
+            self._stages.get(resource_arn)
+            or self._public_keys.get(resource_arn)
+            or self._compositions.find_taggable(resource_arn)
         )
         if resource is None:
             raise ResourceNotFoundError(f"Resource not found: {resource_arn}")
         return resource
+
+    # --- server-side composition (services.ivslocal.compositions) -------------------------------
+
+    def create_encoder_configuration(
+        self,
+        *,
+        name: str | None = None,
+        video: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> EncoderConfiguration:
+        self._settle()
+        return self._compositions.create_encoder_configuration(name=name, video=video, tags=tags)
+
+    def get_encoder_configuration(self, arn: str) -> EncoderConfiguration:
+        self._settle()
+        return self._compositions.get_encoder_configuration(arn)
+
+    def list_encoder_configurations(
+        self, *, next_token: str | None = None, max_results: int | None = None
+    ) -> Page[EncoderConfiguration]:
+        self._settle()
+        return self._compositions.list_encoder_configurations(next_token=next_token, max_results=max_results)
+
+    def delete_encoder_configuration(self, arn: str) -> None:
+        self._settle()
+        self._compositions.delete_encoder_configuration(arn)
+
+    def start_composition(
+        self,
+        stage_arn: str,
+        destinations: list[Any],
+        *,
+        layout: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        idempotency_token: str | None = None,
+    ) -> Composition:
+        now = self._settle()
+        return self._compositions.start_composition(
+            stage_arn, destinations, now, layout=layout, tags=tags, idempotency_token=idempotency_token
+        )
+
+    def get_composition(self, arn: str) -> Composition:
+        self._settle()
+        return self._compositions.get_composition(arn)
+
+    def list_compositions(
+        self,
+        *,
+        filter_by_stage_arn: str | None = None,
+        filter_by_encoder_configuration_arn: str | None = None,
+        next_token: str | None = None,
+        max_results: int | None = None,
+    ) -> Page[Composition]:
+        self._settle()
+        return self._compositions.list_compositions(
+            filter_by_stage_arn=filter_by_stage_arn,
+            filter_by_encoder_configuration_arn=filter_by_encoder_configuration_arn,
+            next_token=next_token,
+            max_results=max_results,
+        )
+
+    def stop_composition(self, arn: str) -> Composition:
+        now = self._settle()
+        return self._compositions.stop_composition(arn, now)
+
+    def fail_composition(self, arn: str, destination_id: str | None = None) -> Composition:
+        """Emulator only (no IVS operation): the composition FAILED, as if its broadcast had failed."""
+        now = self._settle()
+        return self._compositions.fail_composition(arn, now, destination_id)
 
     # --- participant tokens ---------------------------------------------------------------------
 
@@ -1119,8 +1210,8 @@ class IvsState:
         self._settle()
 
     def _settle(self, now: datetime | None = None) -> datetime:
-        """Stops replications whose source stayed away past its window and ends sessions idle past the
-        end delay; returns the time it settled at."""
+        """Stops replications whose source stayed away past its window, ends sessions idle past the
+        end delay and moves compositions along; returns the time it settled at."""
         now = now or self._clock()
         for replication in list(self._replications.values()):
             lost = replication.source_lost_since
@@ -1132,6 +1223,7 @@ class IvsState:
         for _, session in list(self._idle_sessions.values()):
             if session.idle_since is not None and session.idle_since + delay <= now:
                 self._end_session(session, session.idle_since + delay)
+        self._compositions.settle(now)
         return now
 
     def _record(self, participant: Participant, name: str, now: datetime, **details: Any) -> None:

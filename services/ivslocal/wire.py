@@ -6,6 +6,7 @@ import json
 from datetime import datetime
 from typing import Any
 
+from services.ivslocal.compositions import Composition, Destination, EncoderConfiguration
 from services.ivslocal.errors import ValidationError
 from services.ivslocal.model import (
     IssuedToken,
@@ -67,6 +68,14 @@ class Body:
 
     def text_list(self, name: str) -> list[str] | None:
         return _str_list(name, self._data.get(name))
+
+    def objects(self, name: str) -> list[dict[str, Any]] | None:
+        value = self._data.get(name)
+        if value is not None and (
+            not isinstance(value, list) or not all(isinstance(item, dict) for item in value)
+        ):
+            raise ValidationError(f"{name} must be a list of objects")
+        return value
 
     def mapping(self, name: str) -> dict[str, Any] | None:
         value = self._data.get(name)
@@ -238,3 +247,68 @@ def participant_replica_json(replication: Replication) -> dict[str, Any]:
         "destinationSessionId": replication.destination_session_id,
         "replicationState": replication.state,
     }
+
+
+def encoder_configuration_json(configuration: EncoderConfiguration) -> dict[str, Any]:
+    return _compact(
+        {
+            "arn": configuration.arn,
+            "name": configuration.name,
+            "video": dict(configuration.video),
+            "tags": dict(configuration.tags),
+        }
+    )
+
+
+def encoder_configuration_summary_json(configuration: EncoderConfiguration) -> dict[str, Any]:
+    return _compact({"arn": configuration.arn, "name": configuration.name, "tags": dict(configuration.tags)})
+
+
+def destination_summary_json(destination: Destination) -> dict[str, Any]:
+    return _compact(
+        {
+            "id": destination.destination_id,
+            "state": destination.state,
+            "startTime": timestamp(destination.start_time) if destination.start_time else None,
+            "endTime": timestamp(destination.end_time) if destination.end_time else None,
+        }
+    )
+
+
+def destination_json(destination: Destination) -> dict[str, Any]:
+    return _compact(
+        {
+            **destination_summary_json(destination),
+            "configuration": destination.configuration,
+            "detail": destination.detail,
+        }
+    )
+
+
+def composition_summary_json(composition: Composition) -> dict[str, Any]:
+    return _compact(
+        {
+            "arn": composition.arn,
+            "stageArn": composition.stage_arn,
+            "destinations": [destination_summary_json(d) for d in composition.destinations],
+            "state": composition.state,
+            "tags": dict(composition.tags),
+            "startTime": timestamp(composition.start_time),
+            "endTime": timestamp(composition.end_time) if composition.end_time else None,
+        }
+    )
+
+
+def composition_json(composition: Composition) -> dict[str, Any]:
+    return _compact(
+        {
+            "arn": composition.arn,
+            "stageArn": composition.stage_arn,
+            "state": composition.state,
+            "layout": composition.layout,
+            "destinations": [destination_json(d) for d in composition.destinations],
+            "tags": dict(composition.tags),
+            "startTime": timestamp(composition.start_time),
+            "endTime": timestamp(composition.end_time) if composition.end_time else None,
+        }
+    )
