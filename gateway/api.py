@@ -16,7 +16,7 @@ from gateway import validation
 from gateway.admission import PUBLISHER, VIEWER
 from gateway.appkeys import ADMISSION, CLIENTS, METRICS, SETTINGS
 from gateway.errors import BodyTimeout, MalformedBody, UpstreamError, calling
-from gateway.shapes import participant_token_json, stage_json, state_name
+from gateway.shapes import overflow_json, participant_token_json, stage_json, state_name
 from protos.fanout.v1 import allocator_pb2, stagemanager_pb2
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,8 @@ async def get_room(request: web.Request) -> web.Response:
             "replicas": sum(1 for stage in stages if stage["role"] == "replica"),
             "publishing": room_result.room.publishing,
             "lastError": room_result.room.last_error or None,
+            # The overflow tier (DESIGN.md §5): a low-latency channel composed from an origin.
+            "overflow": overflow_json(room_result.room),
             # The capacity plan: this room's ceiling and the limit that sets it, and the limits every
             # room shares (how close the region is to turning viewers away).
             "capacity": {

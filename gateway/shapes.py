@@ -58,3 +58,17 @@ def stage_json(stage: common_pb2.Stage, occupancy: Any | None) -> dict[str, Any]
         shape["replication"] = replication.removeprefix(_REPLICATION_PREFIX)
         shape["replicationError"] = stage.replication_error or None
     return shape
+
+
+_OVERFLOW_PREFIX = "OVERFLOW_STATE_"
+
+
+def overflow_json(room: common_pb2.Room) -> dict[str, Any] | None:
+    """The room's overflow tier for `GET /api/rooms/{room}`: its state and where it plays; None if none."""
+    if not room.HasField("overflow") or room.overflow.state == common_pb2.OVERFLOW_STATE_UNSPECIFIED:
+        return None
+    try:
+        state = common_pb2.OverflowState.Name(room.overflow.state).removeprefix(_OVERFLOW_PREFIX)
+    except ValueError:
+        state = "UNKNOWN"
+    return {"state": state, "playbackUrl": room.overflow.playback_url or None}

@@ -8,7 +8,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import boto3
 from botocore.config import Config
@@ -23,8 +23,14 @@ log = logging.getLogger(__name__)
 DEFAULT_TPS = 5.0
 
 
-def make_ivs_client(region: str, endpoint_url: str | None, local_credentials: bool) -> Any:
-    """A boto3 ivs-realtime client. Retries are ours (IvsCaller), so botocore must not hide throttles."""
+def make_ivs_client(
+    region: str,
+    endpoint_url: str | None,
+    local_credentials: bool,
+    service: Literal["ivs-realtime", "ivs"] = "ivs-realtime",
+) -> Any:
+    """A boto3 ivs-realtime client (or `ivs`, the low-latency channels' service). Retries are ours
+    (IvsCaller), so botocore must not hide throttles."""
     config = Config(
         retries={"total_max_attempts": 1, "mode": "standard"},
         max_pool_connections=16,
@@ -35,10 +41,10 @@ def make_ivs_client(region: str, endpoint_url: str | None, local_credentials: bo
     if endpoint_url:
         kwargs["endpoint_url"] = endpoint_url
     if local_credentials:
-        # The emulator accepts any signature; real AWS uses the normal credential chain.
+        # The emulator (and moto) accept any signature; real AWS uses the normal credential chain.
         kwargs["aws_access_key_id"] = "local"
         kwargs["aws_secret_access_key"] = "local"  # noqa: S105 - not a secret: the emulator's dummy
-    return boto3.session.Session().client("ivs-realtime", **kwargs)
+    return boto3.session.Session().client(service, **kwargs)
 
 
 class CallBudget:

@@ -50,3 +50,9 @@ OPERATION_RATES: dict[str, float] = {
         _COMPOSITION_TPS,
     ),
 }
+
+# The `ivs` (low-latency channels) operations the overflow tier calls. ivs-facts lists no rates for
+# them; assumed to be 5 TPS, the rate IVS gives most management operations.
+CHANNEL_OPERATION_RATES: dict[str, float] = dict.fromkeys(
+    ("CreateChannel", "GetChannel", "ListChannels", "DeleteChannel"), 5.0
+)

@@ -29,10 +29,13 @@ async def main() -> None:
     ivs_client = make_ivs_client(
         settings.ivs.region, settings.ivs.endpoint_url, settings.ivs.local_credentials
     )
+    channel_client = make_ivs_client(
+        settings.ivs.region, settings.channel_endpoint_url, settings.ivs.local_credentials, service="ivs"
+    )
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="0.0.0.0", registry=registry)
     allocator_channel = grpc.aio.insecure_channel(settings.allocator_addr)
-    service = await start_stage_manager(settings, ivs_client, allocator_channel, registry)
+    service = await start_stage_manager(settings, ivs_client, channel_client, allocator_channel, registry)
     freeze_startup_heap()
     log.info(
         "stage manager serving on port %d (cluster %s, %s mode)",

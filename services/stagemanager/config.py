@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.common.capacity import read_capacity_limits
 from services.common.env import ConfigError, Env
@@ -11,6 +11,7 @@ from services.common.ids import CLUSTER_ID_PATTERN, GRPC_ADDRESS_PATTERN
 from services.common.ivs_settings import IvsSettings, read_ivs_settings
 from services.common.redis_urls import LOCAL_REDIS_URL, REDIS_URL_PATTERN
 from services.stagemanager.autoscaler import AutoscalerSettings
+from services.stagemanager.overflow import MODES, OverflowSettings
 from services.stagemanager.rooms import RoomSettings
 
 
@@ -22,6 +23,11 @@ class SharedStateSettings:
     # host:port where the other replicas reach this one (they forward writes to the leader).
     advertise_address: str
     lease_seconds: float
+
+
+# Where `make run` would start moto's `ivs` server if it used a fixed port (it picks a free one and
+# passes FANOUT_IVS_CHANNEL_ENDPOINT): `python -m moto.server -p 8098` beside a stage manager run alone.
+LOCAL_IVS_CHANNEL_ENDPOINT = "http://127.0.0.1:8098"
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,9 @@ class StageManagerSettings:
     shutdown_grace_seconds: float
     # None: one replica, state in memory (rebuilt from IVS tags after a restart).
     shared: SharedStateSettings | None = None
+    overflow: OverflowSettings = field(default_factory=OverflowSettings)
+    # The `ivs` (low-latency channels) API: moto's server locally, the region's endpoint in AWS (None).
+    channel_endpoint_url: str | None = None
 
 
 def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
@@ -85,8 +94,18 @@ def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
             ),
             lease_seconds=env.float("FANOUT_LEADER_LEASE_SECONDS", 6.0, minimum=1.0, maximum=120.0),
         )
+    overflow = OverflowSettings(
+        mode=env.choice("FANOUT_OVERFLOW", "auto", MODES),
+        check_seconds=env.float("FANOUT_OVERFLOW_CHECK_SECONDS", 10.0, minimum=0.5, maximum=600.0),
+        retry_seconds=env.float("FANOUT_OVERFLOW_RETRY_SECONDS", 60.0, minimum=1.0, maximum=3600.0),
+    )
+    channel_endpoint = env.str("FANOUT_IVS_CHANNEL_ENDPOINT", "", pattern=r"https?://[^\s]+") or None
+    if channel_endpoint is None and ivs.mode == "local":
+        channel_endpoint = LOCAL_IVS_CHANNEL_ENDPOINT
     return StageManagerSettings(
         shared=shared,
+        overflow=overflow,
+        channel_endpoint_url=channel_endpoint,
         listen=listen,
         metrics_port=env.int("FANOUT_STAGEMANAGER_METRICS_PORT", 9461, minimum=0, maximum=65535),
         ivs=ivs,

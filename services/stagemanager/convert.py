@@ -47,6 +47,17 @@ def room_to_proto(room: RoomRecord) -> common_pb2.Room:
         created_at=timestamp(room.created_at),
         last_error=room.last_error,
         ending=room.ending,
+        overflow=overflow_to_proto(room) if room.overflow_state else None,
+    )
+
+
+def overflow_to_proto(room: RoomRecord) -> common_pb2.Overflow:
+    return common_pb2.Overflow(
+        channel_arn=room.overflow_channel_arn,
+        playback_url=room.overflow_playback_url,
+        composition_arn=room.overflow_composition_arn,
+        state=common_pb2.OverflowState.Value(f"OVERFLOW_STATE_{room.overflow_state}"),
+        error=room.overflow_error,
     )
 
 

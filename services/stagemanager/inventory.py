@@ -132,6 +132,20 @@ class Inventory:
         record.ending = True
         self._emit(ChangeKind.ROOM_CHANGED, room, room_record=record.copy(with_stages=False))
 
+    def set_room_overflow(self, room: str, **changes: str) -> None:
+        """Changes the room's overflow_* fields (see RoomRecord); no change, no event."""
+        record = self._rooms.get(room)
+        if record is None:
+            return
+        changed = False
+        for name, value in changes.items():
+            field_name = f"overflow_{name}"
+            if getattr(record, field_name) != value:
+                setattr(record, field_name, value)
+                changed = True
+        if changed:
+            self._emit(ChangeKind.ROOM_CHANGED, room, room_record=record.copy(with_stages=False))
+
     def room_publishing_changed(self, room: str) -> None:
         self._emit(ChangeKind.ROOM_CHANGED, room, room_record=self._rooms[room].copy(with_stages=False))
 

@@ -215,3 +215,162 @@ def _stage(stage: Mapping[str, object]) -> IvsStage:
         events_url=str(endpoints.get("events", "")),
         whip_url=str(endpoints.get("whip", "")),
     )
+
+
+class OverflowRefused(FanoutError):
+    """IVS will not make the overflow tier (a quota, a request it rejects, a missing permission):
+    trying again at once would be refused the same way."""
+
+    default_code = "overflow_refused"
+
+
+# Answers that retrying will not change; anything else (throttles past our retries, 5xx, no answer) may.
+_REFUSALS = frozenset(
+    {
+        "ServiceQuotaExceededException",
+        "ValidationException",
+        "AccessDeniedException",
+        "PendingVerification",
+    }
+)
+
+
+def _overflow_error(operation: str, error: Exception, what: str) -> Exception:
+    if isinstance(error, ClientError):
+        code = error_code(error)
+        if code in _REFUSALS:
+            message = error.response.get("Error", {}).get("Message") or code
+            return OverflowRefused(f"{operation} refused: {code}: {message}")
+        if code == "ResourceNotFoundException":
+            return NotFound(f"{operation}: the {what} does not exist", code=f"{what}_not_found")
+        if code == "ConflictException":
+            return Unavailable(f"IVS {operation}: conflict", code="ivs_conflict", retry_after=2)
+    return _translate(operation, error)
+
+
+@dataclass(frozen=True)
+class IvsComposition:
+    arn: str
+    stage_arn: str
+    # STARTING, ACTIVE, STOPPING, STOPPED or FAILED (the model's CompositionState).
+    state: str
+    tags: Mapping[str, str]
+    channel_arns: tuple[str, ...] = ()
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("STARTING", "ACTIVE", "STOPPING")
+
+
+class CompositionApi:
+    """Server-side composition of a Stage into a channel, and the encoder configuration it uses."""
+
+    def __init__(self, caller: IvsCaller) -> None:
+        self._caller = caller
+
+    async def find_encoder_configuration(self, tags: Mapping[str, str]) -> str | None:
+        """The oldest encoder configuration carrying all of `tags`."""
+        token: str | None = None
+        while True:
+            params: dict[str, object] = {"maxResults": 100}
+            if token:
+                params["nextToken"] = token
+            try:
+                response = await self._caller.call("ListEncoderConfigurations", **params)
+            except (ClientError, BotoCoreError) as error:
+                raise _overflow_error("ListEncoderConfigurations", error, "encoder_configuration") from error
+            for summary in response.get("encoderConfigurations", []):
+                if _has_tags(summary.get("tags"), tags):
+                    return str(summary["arn"])
+            token = response.get("nextToken")
+            if not token:
+                return None
+
+    async def create_encoder_configuration(
+        self, name: str, video: Mapping[str, int], tags: Mapping[str, str]
+    ) -> str:
+        try:
+            response = await self._caller.call(
+                "CreateEncoderConfiguration", name=name, video=dict(video), tags=dict(tags)
+            )
+        except (ClientError, BotoCoreError) as error:
+            raise _overflow_error("CreateEncoderConfiguration", error, "encoder_configuration") from error
+        return str(response["encoderConfiguration"]["arn"])
+
+    async def start(
+        self, stage_arn: str, channel_arn: str, encoder_configuration_arn: str, tags: Mapping[str, str]
+    ) -> IvsComposition:
+        try:
+            response = await self._caller.call(
+                "StartComposition",
+                stageArn=stage_arn,
+                destinations=[
+                    {
+                        "channel": {
+                            "channelArn": channel_arn,
+                            "encoderConfigurationArn": encoder_configuration_arn,
+                        }
+                    }
+                ],
+                tags=dict(tags),
+            )
+        except (ClientError, BotoCoreError) as error:
+            raise _overflow_error("StartComposition", error, "stage") from error
+        return _composition(response["composition"])
+
+    async def get(self, arn: str) -> IvsComposition:
+        try:
+            response = await self._caller.call("GetComposition", arn=arn)
+        except (ClientError, BotoCoreError) as error:
+            raise _overflow_error("GetComposition", error, "composition") from error
+        return _composition(response["composition"])
+
+    async def list_on_stage(self, stage_arn: str) -> list[IvsComposition]:
+        """The Stage's compositions (ended ones too, until IVS deletes them), with their tags."""
+        found: list[IvsComposition] = []
+        token: str | None = None
+        while True:
+            params: dict[str, object] = {"filterByStageArn": stage_arn, "maxResults": 100}
+            if token:
+                params["nextToken"] = token
+            try:
+                response = await self._caller.call("ListCompositions", **params)
+            except (ClientError, BotoCoreError) as error:
+                raise _overflow_error("ListCompositions", error, "stage") from error
+            found += [_composition(summary) for summary in response.get("compositions", [])]
+            token = response.get("nextToken")
+            if not token:
+                return found
+
+    async def stop(self, arn: str) -> None:
+        """Stops the composition; one already stopping, ended or gone counts as stopped."""
+        try:
+            await self._caller.call("StopComposition", arn=arn)
+        except ClientError as error:
+            if error_code(error) not in ("ResourceNotFoundException", "ConflictException"):
+                raise _overflow_error("StopComposition", error, "composition") from error
+        except BotoCoreError as error:
+            raise _translate("StopComposition", error) from error
+
+
+def _has_tags(tags: object, wanted: Mapping[str, str]) -> bool:
+    return isinstance(tags, Mapping) and all(tags.get(k) == v for k, v in wanted.items())
+
+
+def _composition(data: Mapping[str, object]) -> IvsComposition:
+    tags = data.get("tags") or {}
+    assert isinstance(tags, Mapping)
+    destinations = data.get("destinations") or []
+    assert isinstance(destinations, list)
+    channels = tuple(
+        str(d["configuration"]["channel"]["channelArn"])
+        for d in destinations
+        if isinstance(d, Mapping) and "channel" in (d.get("configuration") or {})
+    )
+    return IvsComposition(
+        arn=str(data["arn"]),
+        stage_arn=str(data.get("stageArn", "")),
+        state=str(data.get("state", "")),
+        tags={str(k): str(v) for k, v in tags.items()},
+        channel_arns=channels,
+    )

@@ -91,6 +91,13 @@ class RoomRecord:
     active_at: float = 0.0
     # Being ended: recorded in IVS (a tag) before any Stage is deleted, so a restart finishes the job.
     ending: bool = False
+    # The overflow tier (services/stagemanager/overflow.py): a low-latency channel and the composition
+    # of an origin into it. State is an OverflowState name without its prefix, "" when there is none.
+    overflow_state: str = ""
+    overflow_channel_arn: str = ""
+    overflow_playback_url: str = ""
+    overflow_composition_arn: str = ""
+    overflow_error: str = ""
 
     @property
     def publishing(self) -> bool:

@@ -34,6 +34,7 @@ from services.stagemanager.model import (
     StageRecord,
     StageState,
 )
+from services.stagemanager.overflow import OverflowManager
 from services.stagemanager.topology import next_slot
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,11 @@ class RoomManager:
         settings: RoomSettings,
         metrics: StageManagerMetrics,
         clock: Callable[[], float] = time.time,
+        overflow: OverflowManager | None = None,
     ) -> None:
         self._metrics = metrics
+        # Its channel and compositions go before the Stages when a room ends.
+        self._overflow = overflow
         self._inventory = inventory
         self._stages = stages
         self._settings = settings
@@ -525,6 +529,10 @@ class RoomManager:
                 return
             # A Stage still being created would otherwise outlive its room, untagged and adoptable.
             await asyncio.gather(*self._provisioning.get(room_id, ()), return_exceptions=True)
+            if self._overflow is not None:
+                # Before the Stages: the ending marker stays in IVS until the channel is gone, so a
+                # restart mid-way finishes this too.
+                await self._overflow.end_room(room)
             stages = list(room.stages.values())
             marked = [s for s in stages if marker_arn and s.arn == marker_arn]
             await asyncio.gather(*(self._delete_stage(s) for s in stages if s not in marked))

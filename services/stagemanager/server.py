@@ -21,17 +21,20 @@ from protos.fanout.v1 import allocator_pb2_grpc, stagemanager_pb2, stagemanager_
 from services.common.errors import FanoutError
 from services.common.grpc_server import GrpcServer, GrpcServerMetrics, start_grpc_server
 from services.common.ivs_calls import CallBudget, IvsCaller, IvsMetrics
+from services.common.ivs_quotas import CHANNEL_OPERATION_RATES
 from services.common.lifecycle import cancel_and_wait
 from services.common.timeouts import STORE_CALL_SECONDS
 from services.stagemanager import shared_inventory
 from services.stagemanager.autoscaler import Autoscaler
+from services.stagemanager.channels import ChannelApi
 from services.stagemanager.config import StageManagerSettings
 from services.stagemanager.forwarding import LeaderRoute
 from services.stagemanager.inventory import Inventory
-from services.stagemanager.ivs import ReplicationApi, StageApi
+from services.stagemanager.ivs import CompositionApi, ReplicationApi, StageApi
 from services.stagemanager.leadership import LeaderLease, Leadership, SoleReplica, fence_ivs_changes
 from services.stagemanager.metrics import StageManagerMetrics, follow_inventory
 from services.stagemanager.occupancy import AllocatorOccupancy
+from services.stagemanager.overflow import OverflowManager
 from services.stagemanager.replication import Replicator
 from services.stagemanager.rooms import RoomManager
 from services.stagemanager.servicer import StageManagerServicer
@@ -48,6 +51,7 @@ class StageManagerService:
     rooms: RoomManager
     inventory: Inventory
     caller: IvsCaller
+    channel_caller: IvsCaller
     tasks: list[asyncio.Task[None]]
     # Set when this process must end: it led and lost the lease (a fresh start rejoins as a follower).
     must_exit: asyncio.Event = field(default_factory=asyncio.Event)
@@ -70,11 +74,13 @@ class StageManagerService:
         if self.redis is not None:
             await self.redis.aclose()
         self.caller.close()
+        self.channel_caller.close()
 
 
 async def start_stage_manager(
     settings: StageManagerSettings,
     ivs_client: Any,
+    channel_client: Any,
     allocator_channel: grpc.aio.Channel,
     registry: CollectorRegistry,
 ) -> StageManagerService:
@@ -98,9 +104,20 @@ async def start_stage_manager(
             ttl_seconds=settings.shared.lease_seconds,
         )
         leadership = lease
-    caller = IvsCaller(ivs_client, CallBudget(), IvsMetrics(registry), guard=fence_ivs_changes(leadership))
+    ivs_metrics = IvsMetrics(registry)
+    guard = fence_ivs_changes(leadership)
+    caller = IvsCaller(ivs_client, CallBudget(), ivs_metrics, guard=guard)
+    # The `ivs` service (the overflow tier's channels) has its own quotas, and the same fence.
+    channel_caller = IvsCaller(channel_client, CallBudget(CHANNEL_OPERATION_RATES), ivs_metrics, guard=guard)
     inventory = Inventory()
-    rooms = RoomManager(inventory, StageApi(caller), settings.rooms, metrics)
+    overflow = OverflowManager(
+        inventory,
+        ChannelApi(channel_caller),
+        CompositionApi(caller),
+        settings.overflow,
+        settings.rooms.cluster_id,
+    )
+    rooms = RoomManager(inventory, StageApi(caller), settings.rooms, metrics, overflow=overflow)
     replicator = Replicator(rooms, inventory, ReplicationApi(caller), settings.rooms, metrics)
     route = LeaderRoute(leadership, inventory, lease)
     servicer = StageManagerServicer(rooms, inventory, route)
@@ -114,12 +131,16 @@ async def start_stage_manager(
         settings.listen, register, [SERVICE_NAME], GrpcServerMetrics(registry), serving=False
     )
     service = StageManagerService(
-        server, rooms, inventory, caller, [], route=route, lease=lease, redis=client
+        server, rooms, inventory, caller, channel_caller, [], route=route, lease=lease, redis=client
     )
 
     def act() -> list[asyncio.Task[None]]:
         """What only the leader does, once its inventory agrees with IVS."""
-        return [asyncio.create_task(autoscaler.run()), asyncio.create_task(replicator.run())]
+        return [
+            asyncio.create_task(autoscaler.run()),
+            asyncio.create_task(replicator.run()),
+            asyncio.create_task(overflow.run()),
+        ]
 
     service.tasks.append(
         asyncio.create_task(

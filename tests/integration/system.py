@@ -89,6 +89,8 @@ def service_env(ivs_url: str, state_dir: Path, overrides: Mapping[str, str]) -> 
         # (replicas fed by replication) set these back, and publish for real.
         "FANOUT_DIRECT_STAGES": "200",
         "FANOUT_REPLICAS_PER_ORIGIN": "0",
+        # No channel API (moto) beside these tests; the overflow tier's tests turn it on with one.
+        "FANOUT_OVERFLOW": "off",
     }
     env.update(overrides)
     return env
@@ -98,13 +100,23 @@ def ivs_client(ivs_url: str) -> Any:
     return make_ivs_client("us-east-1", ivs_url, local_credentials=True)
 
 
+def channel_client(env: Mapping[str, str]) -> Any:
+    """The `ivs` (channels) client the stage manager's composition root builds from its settings."""
+    settings = read_stagemanager_settings(env)
+    return make_ivs_client("us-east-1", settings.channel_endpoint_url, local_credentials=True, service="ivs")
+
+
 async def start_stagemanager(
     env: Mapping[str, str], registry: CollectorRegistry | None = None
 ) -> StageManagerService:
     settings = read_stagemanager_settings(env)
     channel = grpc.aio.insecure_channel(settings.allocator_addr)
     service = await start_stage_manager(
-        settings, ivs_client(env["FANOUT_IVS_ENDPOINT"]), channel, registry or CollectorRegistry()
+        settings,
+        ivs_client(env["FANOUT_IVS_ENDPOINT"]),
+        channel_client(env),
+        channel,
+        registry or CollectorRegistry(),
     )
     service.tasks.append(_close_on_cancel(channel))
     await eventually(lambda: service.rooms.recovered, what="stage manager recovery")

@@ -25,25 +25,29 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/fanout/v1/common.proto\x12\tfanout.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x02\n\x05Stage\x12\x0b\n\x03\x61rn\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\"\n\x04role\x18\x04 \x01(\x0e\x32\x14.fanout.v1.StageRole\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.fanout.v1.StageState\x12\x12\n\nevents_url\x18\x06 \x01(\t\x12\x10\n\x08whip_url\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0corigin_index\x18\t \x01(\x05\x12\x30\n\x0breplication\x18\n \x01(\x0e\x32\x1b.fanout.v1.ReplicationState\x12\x19\n\x11replication_error\x18\x0b \x01(\t\"\x9e\x01\n\x04Room\x12\x0c\n\x04room\x18\x01 \x01(\t\x12 \n\x06stages\x18\x02 \x03(\x0b\x32\x10.fanout.v1.Stage\x12\x12\n\npublishing\x18\x03 \x01(\x08\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x0e\n\x06\x65nding\x18\x06 \x01(\x08\"\x81\x01\n\x10ParticipantToken\x12\x11\n\tstage_arn\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x03 \x01(\t\x12\x33\n\x0f\x65xpiration_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa1\x01\n\x10StageObservation\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x11\n\tstage_arn\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x12\n\npublishers\x18\x04 \x01(\x05\x12\x13\n\x0bsubscribers\x18\x05 \x01(\x05\x12/\n\x0bobserved_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xc2\x01\n\nStageState\x12\x1b\n\x17STAGE_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18STAGE_STATE_PROVISIONING\x10\x01\x12\x17\n\x13STAGE_STATE_STANDBY\x10\x02\x12\x14\n\x10STAGE_STATE_LIVE\x10\x03\x12\x18\n\x14STAGE_STATE_DRAINING\x10\x04\x12\x18\n\x14STAGE_STATE_DELETING\x10\x05\x12\x16\n\x12STAGE_STATE_FAILED\x10\x06*V\n\tStageRole\x12\x1a\n\x16STAGE_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11STAGE_ROLE_ORIGIN\x10\x01\x12\x16\n\x12STAGE_ROLE_REPLICA\x10\x02*\x91\x01\n\x10ReplicationState\x12!\n\x1dREPLICATION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19REPLICATION_STATE_WAITING\x10\x01\x12\x1c\n\x18REPLICATION_STATE_ACTIVE\x10\x02\x12\x1d\n\x19REPLICATION_STATE_STOPPED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/fanout/v1/common.proto\x12\tfanout.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x86\x01\n\x08Overflow\x12\x13\n\x0b\x63hannel_arn\x18\x01 \x01(\t\x12\x14\n\x0cplayback_url\x18\x02 \x01(\t\x12\x17\n\x0f\x63omposition_arn\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.fanout.v1.OverflowState\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xb4\x02\n\x05Stage\x12\x0b\n\x03\x61rn\x18\x01 \x01(\t\x12\x0c\n\x04room\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\"\n\x04role\x18\x04 \x01(\x0e\x32\x14.fanout.v1.StageRole\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.fanout.v1.StageState\x12\x12\n\nevents_url\x18\x06 \x01(\t\x12\x10\n\x08whip_url\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0corigin_index\x18\t \x01(\x05\x12\x30\n\x0breplication\x18\n \x01(\x0e\x32\x1b.fanout.v1.ReplicationState\x12\x19\n\x11replication_error\x18\x0b \x01(\t\"\xc5\x01\n\x04Room\x12\x0c\n\x04room\x18\x01 \x01(\t\x12 \n\x06stages\x18\x02 \x03(\x0b\x32\x10.fanout.v1.Stage\x12\x12\n\npublishing\x18\x03 \x01(\x08\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x0e\n\x06\x65nding\x18\x06 \x01(\x08\x12%\n\x08overflow\x18\x07 \x01(\x0b\x32\x13.fanout.v1.Overflow\"\x81\x01\n\x10ParticipantToken\x12\x11\n\tstage_arn\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x16\n\x0eparticipant_id\x18\x03 \x01(\t\x12\x33\n\x0f\x65xpiration_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa1\x01\n\x10StageObservation\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x11\n\tstage_arn\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x12\n\npublishers\x18\x04 \x01(\x05\x12\x13\n\x0bsubscribers\x18\x05 \x01(\x05\x12/\n\x0bobserved_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xc2\x01\n\nStageState\x12\x1b\n\x17STAGE_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18STAGE_STATE_PROVISIONING\x10\x01\x12\x17\n\x13STAGE_STATE_STANDBY\x10\x02\x12\x14\n\x10STAGE_STATE_LIVE\x10\x03\x12\x18\n\x14STAGE_STATE_DRAINING\x10\x04\x12\x18\n\x14STAGE_STATE_DELETING\x10\x05\x12\x16\n\x12STAGE_STATE_FAILED\x10\x06*V\n\tStageRole\x12\x1a\n\x16STAGE_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11STAGE_ROLE_ORIGIN\x10\x01\x12\x16\n\x12STAGE_ROLE_REPLICA\x10\x02*\x91\x01\n\x10ReplicationState\x12!\n\x1dREPLICATION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19REPLICATION_STATE_WAITING\x10\x01\x12\x1c\n\x18REPLICATION_STATE_ACTIVE\x10\x02\x12\x1d\n\x19REPLICATION_STATE_STOPPED\x10\x03*\xbb\x01\n\rOverflowState\x12\x1e\n\x1aOVERFLOW_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17OVERFLOW_STATE_STARTING\x10\x01\x12\x19\n\x15OVERFLOW_STATE_ACTIVE\x10\x02\x12\x1b\n\x17OVERFLOW_STATE_STOPPING\x10\x03\x12\x1a\n\x16OVERFLOW_STATE_STOPPED\x10\x04\x12\x19\n\x15OVERFLOW_STATE_FAILED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.fanout.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STAGESTATE']._serialized_start=846
-  _globals['_STAGESTATE']._serialized_end=1040
-  _globals['_STAGEROLE']._serialized_start=1042
-  _globals['_STAGEROLE']._serialized_end=1128
-  _globals['_REPLICATIONSTATE']._serialized_start=1131
-  _globals['_REPLICATIONSTATE']._serialized_end=1276
-  _globals['_STAGE']._serialized_start=78
-  _globals['_STAGE']._serialized_end=386
-  _globals['_ROOM']._serialized_start=389
-  _globals['_ROOM']._serialized_end=547
-  _globals['_PARTICIPANTTOKEN']._serialized_start=550
-  _globals['_PARTICIPANTTOKEN']._serialized_end=679
-  _globals['_STAGEOBSERVATION']._serialized_start=682
-  _globals['_STAGEOBSERVATION']._serialized_end=843
+  _globals['_STAGESTATE']._serialized_start=1022
+  _globals['_STAGESTATE']._serialized_end=1216
+  _globals['_STAGEROLE']._serialized_start=1218
+  _globals['_STAGEROLE']._serialized_end=1304
+  _globals['_REPLICATIONSTATE']._serialized_start=1307
+  _globals['_REPLICATIONSTATE']._serialized_end=1452
+  _globals['_OVERFLOWSTATE']._serialized_start=1455
+  _globals['_OVERFLOWSTATE']._serialized_end=1642
+  _globals['_OVERFLOW']._serialized_start=78
+  _globals['_OVERFLOW']._serialized_end=212
+  _globals['_STAGE']._serialized_start=215
+  _globals['_STAGE']._serialized_end=523
+  _globals['_ROOM']._serialized_start=526
+  _globals['_ROOM']._serialized_end=723
+  _globals['_PARTICIPANTTOKEN']._serialized_start=726
+  _globals['_PARTICIPANTTOKEN']._serialized_end=855
+  _globals['_STAGEOBSERVATION']._serialized_start=858
+  _globals['_STAGEOBSERVATION']._serialized_end=1019
 # @@protoc_insertion_point(module_scope)

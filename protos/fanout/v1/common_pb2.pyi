@@ -103,6 +103,73 @@ REPLICATION_STATE_STOPPED: ReplicationState.ValueType  # 3
 """It stopped, or IVS refused to start it; the stage manager repairs it (see replication_error)."""
 Global___ReplicationState: _TypeAlias = ReplicationState  # noqa: Y015
 
+class _OverflowState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OverflowStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OverflowState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OVERFLOW_STATE_UNSPECIFIED: _OverflowState.ValueType  # 0
+    """No overflow tier: FANOUT_OVERFLOW=off, or the room has not gone live."""
+    OVERFLOW_STATE_STARTING: _OverflowState.ValueType  # 1
+    """The channel is being made or the composition is starting."""
+    OVERFLOW_STATE_ACTIVE: _OverflowState.ValueType  # 2
+    """The composition broadcasts to the channel: its playback URL plays."""
+    OVERFLOW_STATE_STOPPING: _OverflowState.ValueType  # 3
+    OVERFLOW_STATE_STOPPED: _OverflowState.ValueType  # 4
+    """Stopped (the broadcaster left, or the room is ending); started again when the room is live."""
+    OVERFLOW_STATE_FAILED: _OverflowState.ValueType  # 5
+    """IVS refused or failed it (quota, destination failure); see error. Tried again later."""
+
+class OverflowState(_OverflowState, metaclass=_OverflowStateEnumTypeWrapper):
+    """A room's overflow tier (DESIGN.md §5): IVS composes an origin into a low-latency channel."""
+
+OVERFLOW_STATE_UNSPECIFIED: OverflowState.ValueType  # 0
+"""No overflow tier: FANOUT_OVERFLOW=off, or the room has not gone live."""
+OVERFLOW_STATE_STARTING: OverflowState.ValueType  # 1
+"""The channel is being made or the composition is starting."""
+OVERFLOW_STATE_ACTIVE: OverflowState.ValueType  # 2
+"""The composition broadcasts to the channel: its playback URL plays."""
+OVERFLOW_STATE_STOPPING: OverflowState.ValueType  # 3
+OVERFLOW_STATE_STOPPED: OverflowState.ValueType  # 4
+"""Stopped (the broadcaster left, or the room is ending); started again when the room is live."""
+OVERFLOW_STATE_FAILED: OverflowState.ValueType  # 5
+"""IVS refused or failed it (quota, destination failure); see error. Tried again later."""
+Global___OverflowState: _TypeAlias = OverflowState  # noqa: Y015
+
+@_typing.final
+class Overflow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_ARN_FIELD_NUMBER: _builtins.int
+    PLAYBACK_URL_FIELD_NUMBER: _builtins.int
+    COMPOSITION_ARN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    channel_arn: _builtins.str
+    playback_url: _builtins.str
+    """The channel's HLS playback URL (a few seconds behind the real-time Stages)."""
+    composition_arn: _builtins.str
+    state: Global___OverflowState.ValueType
+    error: _builtins.str
+    """Why it FAILED; empty otherwise."""
+    def __init__(
+        self,
+        *,
+        channel_arn: _builtins.str = ...,
+        playback_url: _builtins.str = ...,
+        composition_arn: _builtins.str = ...,
+        state: Global___OverflowState.ValueType = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_arn", b"channel_arn", "composition_arn", b"composition_arn", "error", b"error", "playback_url", b"playback_url", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Overflow: _TypeAlias = Overflow  # noqa: Y015
+
 @_typing.final
 class Stage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -168,6 +235,7 @@ class Room(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     ENDING_FIELD_NUMBER: _builtins.int
+    OVERFLOW_FIELD_NUMBER: _builtins.int
     room: _builtins.str
     publishing: _builtins.bool
     """Whether the broadcaster reports publishing on any Stage."""
@@ -179,6 +247,10 @@ class Room(_message.Message):
     def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Stage]: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def overflow(self) -> Global___Overflow:
+        """Unset when the room has no overflow tier."""
+
     def __init__(
         self,
         *,
@@ -188,10 +260,11 @@ class Room(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         last_error: _builtins.str = ...,
         ending: _builtins.bool = ...,
+        overflow: Global___Overflow | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "overflow", b"overflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ending", b"ending", "last_error", b"last_error", "publishing", b"publishing", "room", b"room", "stages", b"stages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ending", b"ending", "last_error", b"last_error", "overflow", b"overflow", "publishing", b"publishing", "room", b"room", "stages", b"stages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
