@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -18,6 +19,8 @@ STOP_GRACE_SECONDS = 8.0
 # Every process of the local system, in start order: (name, module run with python -m).
 SERVICES: tuple[tuple[str, str], ...] = (
     ("ivslocal", "services.ivslocal"),
+    # moto's server: the `ivs` channel API (CreateChannel, GetChannel, ...) for the overflow tier.
+    ("channels", "moto.server"),
     ("stagemanager", "services.stagemanager"),
     ("allocator", "services.allocator"),
     ("monitor", "services.monitor"),
@@ -36,6 +39,8 @@ class Ports:
     stagemanager_metrics: int
     allocator_metrics: int
     monitor_metrics: int
+    # moto's `ivs` server (the overflow tier's channels).
+    channels: int = 0
 
 
 def read_ports(env: Env) -> Ports:
@@ -51,7 +56,14 @@ def read_ports(env: Env) -> Ports:
         stagemanager_metrics=port("FANOUT_STAGEMANAGER_METRICS_PORT", 9461),
         allocator_metrics=port("FANOUT_ALLOCATOR_METRICS_PORT", 9462),
         monitor_metrics=port("FANOUT_MONITOR_METRICS_PORT", 9463),
+        channels=env.int("FANOUT_IVS_CHANNEL_PORT", 0, minimum=0, maximum=65535) or free_loopback_port(),
     )
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
 
 
 def child_environment(base: dict[str, str], ports: Ports) -> dict[str, str]:
@@ -63,6 +75,7 @@ def child_environment(base: dict[str, str], ports: Ports) -> dict[str, str]:
             "FANOUT_GATEWAY_PORT": str(ports.gateway),
             "FANOUT_IVSLOCAL_PORT": str(ports.ivslocal),
             "FANOUT_IVS_ENDPOINT": f"http://{HOST}:{ports.ivslocal}",
+            "FANOUT_IVS_CHANNEL_ENDPOINT": f"http://{HOST}:{ports.channels}",
             "FANOUT_STAGEMANAGER_LISTEN": f"{HOST}:{ports.stagemanager}",
             "FANOUT_STAGEMANAGER_ADDR": f"{HOST}:{ports.stagemanager}",
             "FANOUT_ALLOCATOR_LISTEN": f"{HOST}:{ports.allocator}",
@@ -98,13 +111,16 @@ class Supervisor:
         The services write to `output`, or to this process's stdout and stderr when it is None.
         """
         for name, module in SERVICES:
+            arguments = ["-H", HOST, "-p", str(ports.channels)] if name == "channels" else []
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", module, env=self._env, stdout=output, stderr=output
+                sys.executable, "-m", module, *arguments, env=self._env, stdout=output, stderr=output
             )
             self._processes.append((name, process))
             if name == "ivslocal":
                 # The others call it at start; the gRPC services retry each other on their own.
                 await self._wait_until("the IVS emulator", f"http://{HOST}:{ports.ivslocal}/_emulator/stats")
+            elif name == "channels":
+                await self._wait_until("the channel API (moto)", f"http://{HOST}:{ports.channels}/moto-api/")
         await self._wait_until("the gateway and its dependencies", f"http://{HOST}:{ports.gateway}/readyz")
 
     @property

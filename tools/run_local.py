@@ -33,6 +33,7 @@ def print_running(ports: Ports, key: str, key_note: str) -> None:
                 f"  room info        {base}/api/rooms/main",
                 f"  metrics          {base}/metrics",
                 f"  monitor metrics  http://{HOST}:{ports.monitor_metrics}/metrics",
+                f"  channel API      http://{HOST}:{ports.channels} (moto's `ivs`: the overflow channels)",
                 f"  publisher key    {key or '(yours)'}   ({key_note})",
                 "Press Ctrl-C to stop.",
                 "",
