@@ -95,7 +95,9 @@ def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
             lease_seconds=env.float("FANOUT_LEADER_LEASE_SECONDS", 6.0, minimum=1.0, maximum=120.0),
         )
     overflow = OverflowSettings(
-        mode=env.choice("FANOUT_OVERFLOW", "auto", MODES),
+        # Off until the allocator hands viewers past the ceiling the overflow tier: until then a
+        # composition and channel per live room would cost money and serve nobody.
+        mode=env.choice("FANOUT_OVERFLOW", "off", MODES),
         check_seconds=env.float("FANOUT_OVERFLOW_CHECK_SECONDS", 10.0, minimum=0.5, maximum=600.0),
         retry_seconds=env.float("FANOUT_OVERFLOW_RETRY_SECONDS", 60.0, minimum=1.0, maximum=3600.0),
     )
