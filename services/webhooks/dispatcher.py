@@ -105,8 +105,11 @@ class Dispatcher:
             except Exception:
                 log.exception("webhook dispatch to %s failed", endpoint.label)
                 wait = OUTBOX_RETRY_SECONDS[1]
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+            # arrives as the waker is set, and the dispatcher would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waker.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await waker.wait()
 
     async def _attempt_in_order(
         self,

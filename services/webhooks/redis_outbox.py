@@ -15,6 +15,7 @@ a slot):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -192,6 +193,13 @@ class RedisOutbox:
             return await call()
         except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as error:
             raise Unavailable(f"webhook outbox (Redis) unavailable: {type(error).__name__}") from None
+        finally:
+            # redis-py's asyncio client can answer (or fail) as if nothing happened although the task
+            # was cancelled meanwhile (seen with 8.1.0; redis-py issue #2028): without this, a
+            # stopped dispatcher would loop on forever.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
 
 
 def open_redis_outbox(url: str, namespace: str, endpoints: Sequence[str]) -> RedisOutbox:

@@ -33,15 +33,17 @@ def open_outbox(settings: WebhookSettings) -> Outbox:
     return MemoryOutbox(keys)
 
 
-async def start_webhooks(
+def start_webhooks(
     settings: WebhookSettings,
     inventory: Inventory,
     occupancy: OccupancySource,
     limits: CapacityLimits,
     registry: CollectorRegistry,
 ) -> list[asyncio.Task[None]]:
-    """The webhooks' background tasks (none when no URL is configured); cancelling them stops the
-    webhooks and closes their connections. Events still pending stay in a Redis outbox for the next start."""
+    """The webhooks' background tasks (none when no URL is configured), started on the running loop;
+    cancelling them stops the webhooks and closes their connections. Events still pending stay in a
+    Redis outbox for the next start. Run them where the autoscaler runs (the leader): several at once
+    on one Redis outbox send nothing twice, but only duplicate the work."""
     if not settings.enabled:
         return []
     outbox = open_outbox(settings)

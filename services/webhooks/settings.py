@@ -12,9 +12,8 @@ from urllib.parse import urlsplit
 from services.common.env import ConfigError, Env
 from services.common.ids import CLUSTER_ID_PATTERN
 from services.common.ivs_settings import read_mode
+from services.common.redis_urls import LOCAL_REDIS_URL, REDIS_URL_PATTERN
 
-LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
-REDIS_URL_PATTERN = r"(redis|rediss|unix)://\S+"
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
 # The Standard Webhooks convention: 24 to 64 random bytes, base64-encoded after the prefix.
 SECRET_BYTES = (24, 64)
@@ -65,14 +64,18 @@ def read_webhook_settings(environ: Mapping[str, str]) -> WebhookSettings:
             "FANOUT_WEBHOOK_SECRET is required when FANOUT_WEBHOOK_URLS is set "
             f"({SECRET_PREFIX} followed by the base64 of {SECRET_BYTES[0]}-{SECRET_BYTES[1]} random bytes)"
         )
-    # The outbox lives where the leases do unless told otherwise.
+    # The outbox lives where the stage manager keeps its state unless told otherwise: with replicas
+    # on Redis, the next leader then sends what the last one left pending.
+    stores = ("memory", "redis")
     store = env.choice(
-        "FANOUT_WEBHOOK_STORE", env.choice("FANOUT_STORE", "memory", ("memory", "redis")), ("memory", "redis")
+        "FANOUT_WEBHOOK_STORE", env.choice("FANOUT_STAGEMANAGER_STORE", "memory", stores), stores
     )
     local = read_mode(environ) == "local"
     redis_url = env.str("FANOUT_REDIS_URL", LOCAL_REDIS_URL if local else "", pattern=REDIS_URL_PATTERN)
     if endpoints and store == "redis" and not redis_url:
-        raise ConfigError("FANOUT_WEBHOOK_STORE (or FANOUT_STORE) = redis needs FANOUT_REDIS_URL in AWS mode")
+        raise ConfigError(
+            "FANOUT_WEBHOOK_STORE (or FANOUT_STAGEMANAGER_STORE) = redis needs FANOUT_REDIS_URL in AWS mode"
+        )
     give_up = env.float("FANOUT_WEBHOOK_GIVE_UP_SECONDS", 3600.0, minimum=1.0, maximum=3 * 86_400.0)
     timeout = env.float("FANOUT_WEBHOOK_TIMEOUT_SECONDS", 10.0, minimum=0.1, maximum=60.0)
     if timeout > give_up:

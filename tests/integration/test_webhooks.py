@@ -141,7 +141,7 @@ async def running_webhooks(
 ) -> AsyncIterator[WebhookSettings]:
     """start_webhooks as the stage manager calls it; `changes` shorten the retry schedule."""
     settings = dataclasses.replace(read_webhook_settings(environ), **changes)
-    tasks = await start_webhooks(
+    tasks = start_webhooks(
         settings, inventory, occupancy or NoViewers(), limits or CapacityLimits(), registry
     )
     try:
@@ -160,22 +160,22 @@ async def namespace(redis_url: str) -> AsyncIterator[str]:
             await client.delete(*keys)
 
 
-def arn(index: int) -> str:
-    return f"arn:aws:ivs:us-east-1:123456789012:stage/w{index}"
+def arn(index: int, room: str = "main") -> str:
+    return f"arn:aws:ivs:us-east-1:123456789012:stage/{room}-w{index}"
 
 
-def start_show(inventory: Inventory, stages: int = 1) -> None:
-    """Room main with `stages` Stages in IVS, its broadcaster publishing on the first: as the room
+def start_show(inventory: Inventory, stages: int = 1, room: str = "main") -> None:
+    """A room with `stages` Stages in IVS, its broadcaster publishing on the first: as the room
     manager tells the inventory. Events: stage.added per Stage, then room.live."""
-    inventory.add_room(RoomRecord(room="main", created_at=time.time()))
+    inventory.add_room(RoomRecord(room=room, created_at=time.time()))
     records = [
-        StageRecord(room="main", index=i, state=StageState.STANDBY, created_at=time.time(), arn=arn(i))
+        StageRecord(room=room, index=i, state=StageState.STANDBY, created_at=time.time(), arn=arn(i, room))
         for i in range(stages)
     ]
     for record in records:
         inventory.add_stage(record)
     inventory.update_stage(records[0], state=StageState.LIVE, publishing=True)
-    inventory.room_publishing_changed("main")
+    inventory.room_publishing_changed(room)
 
 
 def deliveries(registry: CollectorRegistry, host: str, outcome: str) -> float:
@@ -204,6 +204,15 @@ async def test_deliveries_are_signed_and_verify_with_the_standardwebhooks_packag
             await eventually(lambda: len(receiver.accepted) == 2, what="two events delivered")
             # A receiver holding another secret rejects every delivery: the signature means something.
             await eventually(lambda: other.rejected >= 2, what="the other secret's receiver to reject")
+            await eventually(
+                lambda: (
+                    registry.get_sample_value(
+                        "fanout_webhook_pending", {"endpoint_host": host_of(receiver.url)}
+                    )
+                    == 0
+                ),
+                what="nothing pending for the receiver",
+            )
     assert receiver.rejected == 0 and other.accepted == {}
     assert receiver.types() == ["stage.added", "room.live"]
     [(headers, body), _] = receiver.attempts
@@ -220,7 +229,6 @@ async def test_deliveries_are_signed_and_verify_with_the_standardwebhooks_packag
         Webhook(SECRET).verify(tampered, headers)
     assert deliveries(registry, host_of(receiver.url), "delivered") == 2
     assert registry.get_sample_value("fanout_webhook_events_total", {"type": "stage.added"}) == 1
-    assert registry.get_sample_value("fanout_webhook_pending", {"endpoint_host": host_of(receiver.url)}) == 0
 
 
 async def test_a_failing_receiver_gets_the_event_at_last_under_the_same_webhook_id(
@@ -283,6 +291,25 @@ async def test_an_endpoint_down_past_the_give_up_time_fails_alone(
         assert secret not in caplog.text
     exposition = [s.labels for m in registry.collect() for s in m.samples]
     assert all("hook-password" not in str(labels) for labels in exposition)
+
+
+async def test_stopping_the_webhooks_ends_them_even_in_the_middle_of_a_redis_call(
+    redis_url: str, namespace: str
+) -> None:
+    """redis-py can answer as if a cancellation never came: stopping must end every task, every time."""
+    down = f"http://127.0.0.1:{free_port()}/hooks"
+    settings = dataclasses.replace(
+        read_webhook_settings(webhook_env(redis_url, namespace, down)), retry_base_seconds=0.001
+    )
+    for attempt in range(20):
+        registry, inventory = CollectorRegistry(), Inventory()
+        tasks = start_webhooks(settings, inventory, NoViewers(), CapacityLimits(), registry)
+        start_show(inventory, stages=3, room=f"room-{attempt}")
+        # Retrying the dead endpoint keeps the dispatcher talking to Redis all the time.
+        await eventually(
+            lambda registry=registry: deliveries(registry, host_of(down), "retried") >= 3, what="retries"
+        )
+        await asyncio.wait_for(cancel_and_wait(tasks), timeout=5)
 
 
 async def test_events_pending_in_redis_are_delivered_after_the_dispatcher_is_killed(

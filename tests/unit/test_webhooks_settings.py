@@ -26,7 +26,7 @@ def test_urls_with_a_secret() -> None:
             "FANOUT_WEBHOOK_URLS": f"{URL}, http://user:pass@10.0.0.5:8080/hook?token=abc",
             "FANOUT_WEBHOOK_SECRET": SECRET,
             "FANOUT_WEBHOOK_GIVE_UP_SECONDS": "600",
-            "FANOUT_STORE": "redis",
+            "FANOUT_STAGEMANAGER_STORE": "redis",
             "FANOUT_CLUSTER_ID": "prod-1",
         }
     )
@@ -54,10 +54,15 @@ def test_two_urls_on_one_host_keep_apart_and_keys_are_stable() -> None:
     assert [e.key for e in read_webhook_settings(environ).endpoints] == [e.key for e in first]
 
 
-def test_the_outbox_store_can_differ_from_the_lease_store() -> None:
-    environ = {"FANOUT_WEBHOOK_URLS": URL, "FANOUT_WEBHOOK_SECRET": SECRET, "FANOUT_WEBHOOK_STORE": "redis"}
-    assert read_webhook_settings(environ).store == "redis"
-    assert read_webhook_settings({**environ, "FANOUT_WEBHOOK_STORE": "memory"}).redis_url is None
+def test_the_outbox_follows_the_stage_managers_store_unless_told_otherwise() -> None:
+    environ = {"FANOUT_WEBHOOK_URLS": URL, "FANOUT_WEBHOOK_SECRET": SECRET}
+    assert read_webhook_settings(environ).store == "memory"
+    # The allocator's lease store is not the stage manager's.
+    assert read_webhook_settings({**environ, "FANOUT_STORE": "redis"}).store == "memory"
+    assert read_webhook_settings({**environ, "FANOUT_WEBHOOK_STORE": "redis"}).store == "redis"
+    shared = {**environ, "FANOUT_STAGEMANAGER_STORE": "redis"}
+    assert read_webhook_settings(shared).store == "redis"
+    assert read_webhook_settings({**shared, "FANOUT_WEBHOOK_STORE": "memory"}).redis_url is None
 
 
 @pytest.mark.parametrize(
@@ -87,7 +92,7 @@ def test_the_outbox_store_can_differ_from_the_lease_store() -> None:
             {
                 "FANOUT_MODE": "aws",
                 "AWS_REGION": "us-east-1",
-                "FANOUT_STORE": "redis",
+                "FANOUT_WEBHOOK_STORE": "redis",
                 "FANOUT_WEBHOOK_URLS": URL,
                 "FANOUT_WEBHOOK_SECRET": SECRET,
             },
