@@ -13,6 +13,7 @@ from services.common.redis_urls import LOCAL_REDIS_URL, REDIS_URL_PATTERN
 from services.stagemanager.autoscaler import AutoscalerSettings
 from services.stagemanager.overflow import MODES, OverflowSettings
 from services.stagemanager.rooms import RoomSettings
+from services.webhooks.settings import WebhookSettings, read_webhook_settings
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class StageManagerSettings:
     # None: one replica, state in memory (rebuilt from IVS tags after a restart).
     shared: SharedStateSettings | None = None
     overflow: OverflowSettings = field(default_factory=OverflowSettings)
+    # Signed deliveries to the host app's URLs (none unless FANOUT_WEBHOOK_URLS is set).
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     # The `ivs` (low-latency channels) API: moto's server locally, the region's endpoint in AWS (None).
     channel_endpoint_url: str | None = None
 
@@ -107,6 +110,7 @@ def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
     return StageManagerSettings(
         shared=shared,
         overflow=overflow,
+        webhooks=read_webhook_settings(environ),
         channel_endpoint_url=channel_endpoint,
         listen=listen,
         metrics_port=env.int("FANOUT_STAGEMANAGER_METRICS_PORT", 9461, minimum=0, maximum=65535),

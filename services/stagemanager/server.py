@@ -39,6 +39,7 @@ from services.stagemanager.replication import Replicator
 from services.stagemanager.rooms import RoomManager
 from services.stagemanager.servicer import StageManagerServicer
 from services.stagemanager.shared_inventory import InventoryFollower, InventoryMirror, namespace
+from services.webhooks.service import start_webhooks
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ async def start_stage_manager(
             asyncio.create_task(autoscaler.run()),
             asyncio.create_task(replicator.run()),
             asyncio.create_task(overflow.run()),
+            *start_webhooks(settings.webhooks, inventory, occupancy, settings.rooms.limits, registry),
         ]
 
     service.tasks.append(

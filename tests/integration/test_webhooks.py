@@ -24,21 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import redis.asyncio as redis
 from aiohttp import ClientSession, web
 from prometheus_client import CollectorRegistry
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from protos.fanout.v1 import allocator_pb2_grpc
-from services.common.capacity import CapacityLimits, read_capacity_limits
-from services.common.env import Env
+from services.common.capacity import CapacityLimits
 from services.common.lifecycle import cancel_and_wait
 from services.stagemanager.autoscaler import RoomLoad
 from services.stagemanager.inventory import Inventory
 from services.stagemanager.model import RoomRecord, StageRecord, StageState
-from services.stagemanager.occupancy import AllocatorOccupancy
 from services.webhooks.redis_outbox import open_redis_outbox
 from services.webhooks.service import read_webhook_settings, start_webhooks
 from services.webhooks.settings import WebhookSettings
@@ -362,35 +358,26 @@ async def test_events_pending_in_redis_are_delivered_after_the_dispatcher_is_kil
 
 
 async def test_a_show_through_the_whole_system(tmp_path: Path, redis_url: str, namespace: str) -> None:
-    """The real stage manager's inventory and the real allocator's occupancy, driven through the
-    gateway: one Stage of 5 viewers is the room's ceiling."""
-    async with (
-        running_system(
-            tmp_path,
-            FANOUT_DIRECT_STAGES="1",
-            FANOUT_REPLICAS_PER_ORIGIN="0",
-            FANOUT_STAGE_CAPACITY="5",
-            FANOUT_STAGE_HARD_LIMIT="5",
-        ) as system,
-        receiving() as receiver,
-    ):
-        environ = {
-            **system.env,
-            **webhook_env(redis_url, namespace, receiver.url),
-            "FANOUT_WEBHOOK_CAPACITY_CHECK_SECONDS": "0.1",
-            "FANOUT_WEBHOOK_VIEWERS_SUMMARY_SECONDS": "1",
-        }
-        channel = grpc.aio.insecure_channel(system.allocator_addr)
-        occupancy = AllocatorOccupancy(allocator_pb2_grpc.AllocatorStub(channel))
-        registry = CollectorRegistry()
+    """The stage manager sends them itself (its leader starts the webhooks from its settings), from its
+    real inventory and the real allocator's occupancy, driven through the gateway: one Stage of 5
+    viewers is the room's ceiling."""
+    async with receiving() as receiver:
+        environ = webhook_env(
+            redis_url,
+            namespace,
+            receiver.url,
+            FANOUT_WEBHOOK_CAPACITY_CHECK_SECONDS="0.1",
+            FANOUT_WEBHOOK_VIEWERS_SUMMARY_SECONDS="1",
+        )
         async with (
-            running_webhooks(
-                environ,
-                system.stagemanager_service.inventory,
-                registry,
-                occupancy,
-                read_capacity_limits(Env(system.env)),
-            ),
+            running_system(
+                tmp_path,
+                FANOUT_DIRECT_STAGES="1",
+                FANOUT_REPLICAS_PER_ORIGIN="0",
+                FANOUT_STAGE_CAPACITY="5",
+                FANOUT_STAGE_HARD_LIMIT="5",
+                **environ,
+            ) as system,
             ClientSession() as http,
         ):
             headers = system.publisher_headers()
@@ -419,7 +406,6 @@ async def test_a_show_through_the_whole_system(tmp_path: Path, redis_url: str, n
             async with http.delete(f"{system.gateway_url}/api/rooms/main", headers=headers) as r:
                 assert r.status == 204
             await eventually(lambda: "room.ended" in receiver.types(), what="room.ended", within=15)
-        await channel.close()
     payloads = list(receiver.accepted.values())
     by_type = {payload["type"]: payload["data"] for payload in payloads}
     assert by_type["stage.added"] == {"room": "main", "stageArn": stage_arn, "role": "origin"}
