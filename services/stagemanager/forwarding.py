@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from redis.exceptions import RedisError
 
 from protos.fanout.v1 import stagemanager_pb2_grpc
 from services.common.errors import Unavailable
@@ -42,7 +43,14 @@ class LeaderRoute:
     async def forward(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Calls `method` on the leader; its answer, or its error status and metadata, become ours."""
         assert self._lease is not None
-        leader = await self._lease.leader()
+        try:
+            leader = await self._lease.leader()
+        except (RedisError, OSError) as error:
+            raise Unavailable(
+                f"cannot tell which replica leads: Redis {type(error).__name__}",
+                code="no_leader",
+                retry_after=1,
+            ) from None
         if leader is None or leader.holder == self._lease.holder:
             raise Unavailable("no stage manager replica leads right now", code="no_leader", retry_after=1)
         channel = self._channels.get(leader.address)
