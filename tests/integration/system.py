@@ -110,12 +110,7 @@ async def start_stagemanager(
     env: Mapping[str, str], registry: CollectorRegistry | None = None
 ) -> StageManagerService:
     settings = read_stagemanager_settings(env)
-    # Its own subchannels: in one test process gRPC shares connections between channels to the same
-    # address, and the stage manager dials the allocator before it listens; the refused connect's
-    # backoff (about a second) would otherwise hold back every other client of the allocator.
-    channel = grpc.aio.insecure_channel(
-        settings.allocator_addr, options=[("grpc.use_local_subchannel_pool", 1)]
-    )
+    channel = grpc.aio.insecure_channel(settings.allocator_addr)
     service = await start_stage_manager(
         settings,
         ivs_client(env["FANOUT_IVS_ENDPOINT"]),
