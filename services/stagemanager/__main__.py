@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import grpc
 from prometheus_client import CollectorRegistry, start_http_server
@@ -48,11 +49,15 @@ async def main() -> None:
     await asyncio.wait([stop_signal, lost_lead], return_when=asyncio.FIRST_COMPLETED)
     stop_signal.cancel()
     lost_lead.cancel()
+    if service.must_exit.is_set():
+        # Lost the leader lease: end at once, with nothing to tidy (every IVS and Redis write is
+        # fenced) and no wait on a task that might not stop (redis-py can swallow a cancellation).
+        # The orchestrator starts a fresh follower.
+        logging.shutdown()
+        os._exit(3)
     log.info("stopping")
     await service.stop(settings.shutdown_grace_seconds)
     await allocator_channel.close()
-    if service.must_exit.is_set():
-        raise SystemExit(3)  # lost the leader lease: the orchestrator starts a fresh follower
 
 
 if __name__ == "__main__":
