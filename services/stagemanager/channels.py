@@ -7,22 +7,13 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from services.common.errors import NotFound, Unavailable
 from services.common.ivs_calls import IvsCaller, error_code
-from services.stagemanager.ivs import OverflowRefused
+from services.stagemanager.ivs import REFUSALS, OverflowRefused, call, has_tags, items, refusal
 
 log = logging.getLogger(__name__)
-
-_REFUSALS = frozenset(
-    {
-        "ServiceQuotaExceededException",
-        "ValidationException",
-        "AccessDeniedException",
-        "PendingVerification",
-    }
-)
 
 
 class ChannelLive(Unavailable):
@@ -42,9 +33,8 @@ class IvsChannel:
 def _translate(operation: str, error: Exception) -> Exception:
     if isinstance(error, ClientError):
         code = error_code(error)
-        if code in _REFUSALS:
-            message = error.response.get("Error", {}).get("Message") or code
-            return OverflowRefused(f"{operation} refused: {code}: {message}")
+        if code in REFUSALS:
+            return OverflowRefused(refusal(operation, error))
         if code == "ResourceNotFoundException":
             return NotFound(f"{operation}: the channel does not exist", code="channel_not_found")
         if code == "ConflictException":
@@ -61,57 +51,30 @@ class ChannelApi:
 
     async def create_channel(self, name: str, tags: Mapping[str, str]) -> IvsChannel:
         """A LOW latency STANDARD channel, open to every viewer (no playback authorization)."""
-        try:
-            response = await self._caller.call(
-                "CreateChannel",
-                name=name,
-                latencyMode="LOW",
-                type="STANDARD",
-                authorized=False,
-                tags=dict(tags),
-            )
-        except (ClientError, BotoCoreError) as error:
-            raise _translate("CreateChannel", error) from error
+        response = await call(
+            self._caller,
+            _translate,
+            "CreateChannel",
+            name=name,
+            latencyMode="LOW",
+            type="STANDARD",
+            authorized=False,
+            tags=dict(tags),
+        )
         return _channel(response["channel"])
 
     async def get_channel(self, arn: str) -> IvsChannel:
-        try:
-            response = await self._caller.call("GetChannel", arn=arn)
-        except (ClientError, BotoCoreError) as error:
-            raise _translate("GetChannel", error) from error
-        return _channel(response["channel"])
+        return _channel((await call(self._caller, _translate, "GetChannel", arn=arn))["channel"])
 
     async def delete_channel(self, arn: str) -> None:
         """Deletes the channel; one that is already gone counts as deleted."""
-        try:
-            await self._caller.call("DeleteChannel", arn=arn)
-        except ClientError as error:
-            if error_code(error) != "ResourceNotFoundException":
-                raise _translate("DeleteChannel", error) from error
-        except BotoCoreError as error:
-            raise _translate("DeleteChannel", error) from error
+        await call(self._caller, _translate, "DeleteChannel", done_if=("ResourceNotFoundException",), arn=arn)
 
     async def list_channels(self, tags: Mapping[str, str], name: str | None = None) -> list[IvsChannel]:
         """Every channel carrying all of `tags` (ListChannels summaries carry tags), by name if given."""
-        found: list[IvsChannel] = []
-        token: str | None = None
-        while True:
-            params: dict[str, object] = {"maxResults": 100}
-            if name is not None:
-                params["filterByName"] = name
-            if token:
-                params["nextToken"] = token
-            try:
-                response = await self._caller.call("ListChannels", **params)
-            except (ClientError, BotoCoreError) as error:
-                raise _translate("ListChannels", error) from error
-            for summary in response.get("channels", []):
-                channel_tags = summary.get("tags") or {}
-                if all(channel_tags.get(k) == v for k, v in tags.items()):
-                    found.append(_channel(summary))
-            token = response.get("nextToken")
-            if not token:
-                return found
+        by_name = {"filterByName": name} if name is not None else {}
+        channels = items(self._caller, _translate, "ListChannels", "channels", maxResults=100, **by_name)
+        return [_channel(summary) async for summary in channels if has_tags(summary.get("tags") or {}, tags)]
 
 
 def _channel(data: Mapping[str, object]) -> IvsChannel:

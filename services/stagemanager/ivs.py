@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -13,6 +14,8 @@ from services.common.ivs_calls import IvsCaller, error_code
 from services.common.stage_tags import TAG_CLUSTER, TAG_DRAINING, TAG_ENDING
 
 log = logging.getLogger(__name__)
+
+_GONE = ("ResourceNotFoundException",)
 
 
 class StageQuotaExceeded(NoCapacity):
@@ -45,6 +48,57 @@ def _translate(operation: str, error: Exception) -> Exception:
     return Unavailable(f"IVS {operation} failed: cannot reach IVS", code="ivs_unreachable", retry_after=5)
 
 
+Translate = Callable[[str, Exception], Exception]
+
+# Answers that retrying will not change; anything else (throttles past our retries, 5xx, no answer) may.
+REFUSALS = frozenset(
+    {
+        "ServiceQuotaExceededException",
+        "ValidationException",
+        "AccessDeniedException",
+        "PendingVerification",
+    }
+)
+
+
+def refusal(operation: str, error: ClientError) -> str:
+    code = error_code(error)
+    return f"{operation} refused: {code}: {error.response.get('Error', {}).get('Message') or code}"
+
+
+async def call(
+    caller: IvsCaller, translate: Translate, operation: str, *, done_if: Iterable[str] = (), **params: Any
+) -> Any:
+    """One call; its error comes out as a domain error through `translate`, except the error codes in
+    `done_if`, which mean the call's purpose is already met (the answer is then None)."""
+    try:
+        return await caller.call(operation, **params)
+    except ClientError as error:
+        if error_code(error) in done_if:
+            return None
+        raise translate(operation, error) from error
+    except BotoCoreError as error:
+        raise translate(operation, error) from error
+
+
+async def items(
+    caller: IvsCaller, translate: Translate, operation: str, key: str, **params: Any
+) -> AsyncIterator[Mapping[str, Any]]:
+    """Every item under `key` of a paginated List* operation, page after page."""
+    token: str | None = None
+    while True:
+        page = await call(caller, translate, operation, **params, **({"nextToken": token} if token else {}))
+        for item in page.get(key, []):
+            yield item
+        token = page.get("nextToken")
+        if not token:
+            return
+
+
+def has_tags(tags: object, wanted: Mapping[str, str]) -> bool:
+    return isinstance(tags, Mapping) and all(tags.get(k) == v for k, v in wanted.items())
+
+
 class StageApi:
     """Small adapter over the boto3 client; errors come out as domain errors."""
 
@@ -52,28 +106,15 @@ class StageApi:
         self._caller = caller
 
     async def create_stage(self, name: str, tags: Mapping[str, str]) -> IvsStage:
-        try:
-            response = await self._caller.call("CreateStage", name=name, tags=dict(tags))
-        except (ClientError, BotoCoreError) as error:
-            raise _translate("CreateStage", error) from error
+        response = await call(self._caller, _translate, "CreateStage", name=name, tags=dict(tags))
         return _stage(response["stage"])
 
     async def get_stage(self, arn: str) -> IvsStage:
-        try:
-            response = await self._caller.call("GetStage", arn=arn)
-        except (ClientError, BotoCoreError) as error:
-            raise _translate("GetStage", error) from error
-        return _stage(response["stage"])
+        return _stage((await call(self._caller, _translate, "GetStage", arn=arn))["stage"])
 
     async def delete_stage(self, arn: str) -> None:
         """Deletes the Stage; one that is already gone counts as deleted."""
-        try:
-            await self._caller.call("DeleteStage", arn=arn)
-        except ClientError as error:
-            if error_code(error) != "ResourceNotFoundException":
-                raise _translate("DeleteStage", error) from error
-        except BotoCoreError as error:
-            raise _translate("DeleteStage", error) from error
+        await call(self._caller, _translate, "DeleteStage", done_if=_GONE, arn=arn)
 
     async def tag_draining(self, arn: str) -> None:
         await self._tag_call("TagResource", resourceArn=arn, tags={TAG_DRAINING: "true"})
@@ -83,39 +124,22 @@ class StageApi:
 
     async def tag_ending(self, arn: str) -> None:
         """Records in IVS that the Stage's room is ending; unlike the drain tag, failing it fails the end."""
-        try:
-            await self._caller.call("TagResource", resourceArn=arn, tags={TAG_ENDING: "true"})
-        except (ClientError, BotoCoreError) as error:
-            raise _translate("TagResource", error) from error
+        await call(self._caller, _translate, "TagResource", resourceArn=arn, tags={TAG_ENDING: "true"})
 
-    async def _tag_call(self, operation: str, **params: object) -> None:
+    async def _tag_call(self, operation: str, **params: Any) -> None:
         # The tag only helps recovery after a restart; failing it must not fail the drain.
         try:
-            await self._caller.call(operation, **params)
-        except (ClientError, BotoCoreError) as error:
-            log.warning(
-                "%s on %s failed: %s", operation, params.get("resourceArn"), _translate(operation, error)
-            )
+            await call(self._caller, _translate, operation, **params)
+        except FanoutError as error:
+            log.warning("%s on %s failed: %s", operation, params.get("resourceArn"), error.message)
 
     async def list_cluster_stages(self, cluster_id: str) -> list[IvsStage]:
         """Every Stage tagged with this cluster id (ListStages summaries carry tags)."""
-        stages: list[IvsStage] = []
-        token: str | None = None
-        while True:
-            params: dict[str, object] = {"maxResults": 100}
-            if token:
-                params["nextToken"] = token
-            try:
-                response = await self._caller.call("ListStages", **params)
-            except (ClientError, BotoCoreError) as error:
-                raise _translate("ListStages", error) from error
-            for summary in response.get("stages", []):
-                tags = summary.get("tags") or {}
-                if tags.get(TAG_CLUSTER) == cluster_id:
-                    stages.append(IvsStage(arn=summary["arn"], tags=tags))
-            token = response.get("nextToken")
-            if not token:
-                return stages
+        return [
+            IvsStage(arn=summary["arn"], tags=summary.get("tags") or {})
+            async for summary in items(self._caller, _translate, "ListStages", "stages", maxResults=100)
+            if (summary.get("tags") or {}).get(TAG_CLUSTER) == cluster_id
+        ]
 
 
 class ReplicationApi:
@@ -126,20 +150,19 @@ class ReplicationApi:
 
     async def publishing_participant(self, stage_arn: str) -> str | None:
         """The participant publishing on the Stage itself (not a replica of another), newest first."""
-        try:
-            stage = (await self._caller.call("GetStage", arn=stage_arn))["stage"]
-            session = stage.get("activeSessionId")
-            if not session:
-                return None
-            response = await self._caller.call(
-                "ListParticipants",
-                stageArn=stage_arn,
-                sessionId=session,
-                filterByPublished=True,
-                maxResults=20,
-            )
-        except (ClientError, BotoCoreError) as error:
-            raise _translate("ListParticipants", error) from error
+        stage = (await call(self._caller, _translate, "GetStage", arn=stage_arn))["stage"]
+        session = stage.get("activeSessionId")
+        if not session:
+            return None
+        response = await call(
+            self._caller,
+            _translate,
+            "ListParticipants",
+            stageArn=stage_arn,
+            sessionId=session,
+            filterByPublished=True,
+            maxResults=20,
+        )
         publishing = [
             p
             for p in response.get("participants", [])
@@ -150,58 +173,53 @@ class ReplicationApi:
 
     async def active_replicas(self, source_arn: str, participant_id: str) -> set[str]:
         """Destination Stage ARNs into which the participant is replicated now."""
-        active: set[str] = set()
-        token: str | None = None
-        while True:
-            params: dict[str, object] = {"sourceStageArn": source_arn, "participantId": participant_id}
-            if token:
-                params["nextToken"] = token
-            try:
-                response = await self._caller.call("ListParticipantReplicas", **params)
-            except (ClientError, BotoCoreError) as error:
-                raise _translate("ListParticipantReplicas", error) from error
-            for replica in response.get("replicas", []):
-                if replica.get("replicationState") == "ACTIVE":
-                    active.add(str(replica["destinationStageArn"]))
-            token = response.get("nextToken")
-            if not token:
-                return active
+        replicas = items(
+            self._caller,
+            _translate,
+            "ListParticipantReplicas",
+            "replicas",
+            sourceStageArn=source_arn,
+            participantId=participant_id,
+        )
+        return {
+            str(r["destinationStageArn"]) async for r in replicas if r.get("replicationState") == "ACTIVE"
+        }
 
     async def start(self, source_arn: str, destination_arn: str, participant_id: str, window: int) -> None:
         """Starts the replication; one that is already running counts as started."""
-        try:
-            await self._caller.call(
-                "StartParticipantReplication",
-                sourceStageArn=source_arn,
-                destinationStageArn=destination_arn,
-                participantId=participant_id,
-                reconnectWindowSeconds=window,
-            )
-        except ClientError as error:
-            code = error_code(error)
-            if code == "ConflictException":
-                return
-            if code in ("ServiceQuotaExceededException", "ResourceNotFoundException", "ValidationException"):
-                message = error.response.get("Error", {}).get("Message") or code
-                raise ReplicationRefused(f"StartParticipantReplication refused: {code}: {message}") from error
-            raise _translate("StartParticipantReplication", error) from error
-        except BotoCoreError as error:
-            raise _translate("StartParticipantReplication", error) from error
+        await call(
+            self._caller,
+            _replication_error,
+            "StartParticipantReplication",
+            done_if=("ConflictException",),
+            sourceStageArn=source_arn,
+            destinationStageArn=destination_arn,
+            participantId=participant_id,
+            reconnectWindowSeconds=window,
+        )
 
     async def stop(self, source_arn: str, destination_arn: str, participant_id: str) -> None:
         """Stops the replication; one that is already gone counts as stopped."""
-        try:
-            await self._caller.call(
-                "StopParticipantReplication",
-                sourceStageArn=source_arn,
-                destinationStageArn=destination_arn,
-                participantId=participant_id,
-            )
-        except ClientError as error:
-            if error_code(error) not in ("ResourceNotFoundException", "ValidationException"):
-                raise _translate("StopParticipantReplication", error) from error
-        except BotoCoreError as error:
-            raise _translate("StopParticipantReplication", error) from error
+        await call(
+            self._caller,
+            _translate,
+            "StopParticipantReplication",
+            done_if=("ResourceNotFoundException", "ValidationException"),
+            sourceStageArn=source_arn,
+            destinationStageArn=destination_arn,
+            participantId=participant_id,
+        )
+
+
+def _replication_error(operation: str, error: Exception) -> Exception:
+    # No such participant publishing, a full Stage, the participant's 5 replications: later, not now.
+    if isinstance(error, ClientError) and error_code(error) in (
+        "ServiceQuotaExceededException",
+        "ResourceNotFoundException",
+        "ValidationException",
+    ):
+        return ReplicationRefused(refusal(operation, error))
+    return _translate(operation, error)
 
 
 def _stage(stage: Mapping[str, object]) -> IvsStage:
@@ -224,28 +242,24 @@ class OverflowRefused(FanoutError):
     default_code = "overflow_refused"
 
 
-# Answers that retrying will not change; anything else (throttles past our retries, 5xx, no answer) may.
-_REFUSALS = frozenset(
-    {
-        "ServiceQuotaExceededException",
-        "ValidationException",
-        "AccessDeniedException",
-        "PendingVerification",
-    }
-)
+def _overflow_error(what: str) -> Translate:
+    def translate(operation: str, error: Exception) -> Exception:
+        if isinstance(error, ClientError):
+            code = error_code(error)
+            if code in REFUSALS:
+                return OverflowRefused(refusal(operation, error))
+            if code == "ResourceNotFoundException":
+                return NotFound(f"{operation}: the {what} does not exist", code=f"{what}_not_found")
+            if code == "ConflictException":
+                return Unavailable(f"IVS {operation}: conflict", code="ivs_conflict", retry_after=2)
+        return _translate(operation, error)
+
+    return translate
 
 
-def _overflow_error(operation: str, error: Exception, what: str) -> Exception:
-    if isinstance(error, ClientError):
-        code = error_code(error)
-        if code in _REFUSALS:
-            message = error.response.get("Error", {}).get("Message") or code
-            return OverflowRefused(f"{operation} refused: {code}: {message}")
-        if code == "ResourceNotFoundException":
-            return NotFound(f"{operation}: the {what} does not exist", code=f"{what}_not_found")
-        if code == "ConflictException":
-            return Unavailable(f"IVS {operation}: conflict", code="ivs_conflict", retry_after=2)
-    return _translate(operation, error)
+_ENCODER_ERROR = _overflow_error("encoder_configuration")
+_STAGE_ERROR = _overflow_error("stage")
+_COMPOSITION_ERROR = _overflow_error("composition")
 
 
 @dataclass(frozen=True)
@@ -270,91 +284,66 @@ class CompositionApi:
 
     async def find_encoder_configuration(self, tags: Mapping[str, str]) -> str | None:
         """The oldest encoder configuration carrying all of `tags`."""
-        token: str | None = None
-        while True:
-            params: dict[str, object] = {"maxResults": 100}
-            if token:
-                params["nextToken"] = token
-            try:
-                response = await self._caller.call("ListEncoderConfigurations", **params)
-            except (ClientError, BotoCoreError) as error:
-                raise _overflow_error("ListEncoderConfigurations", error, "encoder_configuration") from error
-            for summary in response.get("encoderConfigurations", []):
-                if _has_tags(summary.get("tags"), tags):
-                    return str(summary["arn"])
-            token = response.get("nextToken")
-            if not token:
-                return None
+        configurations = items(
+            self._caller, _ENCODER_ERROR, "ListEncoderConfigurations", "encoderConfigurations", maxResults=100
+        )
+        async for summary in configurations:
+            if has_tags(summary.get("tags"), tags):
+                return str(summary["arn"])
+        return None
 
     async def create_encoder_configuration(
         self, name: str, video: Mapping[str, int], tags: Mapping[str, str]
     ) -> str:
-        try:
-            response = await self._caller.call(
-                "CreateEncoderConfiguration", name=name, video=dict(video), tags=dict(tags)
-            )
-        except (ClientError, BotoCoreError) as error:
-            raise _overflow_error("CreateEncoderConfiguration", error, "encoder_configuration") from error
+        response = await call(
+            self._caller,
+            _ENCODER_ERROR,
+            "CreateEncoderConfiguration",
+            name=name,
+            video=dict(video),
+            tags=dict(tags),
+        )
         return str(response["encoderConfiguration"]["arn"])
 
     async def start(
         self, stage_arn: str, channel_arn: str, encoder_configuration_arn: str, tags: Mapping[str, str]
     ) -> IvsComposition:
-        try:
-            response = await self._caller.call(
-                "StartComposition",
-                stageArn=stage_arn,
-                destinations=[
-                    {
-                        "channel": {
-                            "channelArn": channel_arn,
-                            "encoderConfigurationArn": encoder_configuration_arn,
-                        }
-                    }
-                ],
-                tags=dict(tags),
-            )
-        except (ClientError, BotoCoreError) as error:
-            raise _overflow_error("StartComposition", error, "stage") from error
+        channel = {"channelArn": channel_arn, "encoderConfigurationArn": encoder_configuration_arn}
+        response = await call(
+            self._caller,
+            _STAGE_ERROR,
+            "StartComposition",
+            stageArn=stage_arn,
+            destinations=[{"channel": channel}],
+            tags=dict(tags),
+        )
         return _composition(response["composition"])
 
     async def get(self, arn: str) -> IvsComposition:
-        try:
-            response = await self._caller.call("GetComposition", arn=arn)
-        except (ClientError, BotoCoreError) as error:
-            raise _overflow_error("GetComposition", error, "composition") from error
+        response = await call(self._caller, _COMPOSITION_ERROR, "GetComposition", arn=arn)
         return _composition(response["composition"])
 
     async def list_on_stage(self, stage_arn: str) -> list[IvsComposition]:
         """The Stage's compositions (ended ones too, until IVS deletes them), with their tags."""
-        found: list[IvsComposition] = []
-        token: str | None = None
-        while True:
-            params: dict[str, object] = {"filterByStageArn": stage_arn, "maxResults": 100}
-            if token:
-                params["nextToken"] = token
-            try:
-                response = await self._caller.call("ListCompositions", **params)
-            except (ClientError, BotoCoreError) as error:
-                raise _overflow_error("ListCompositions", error, "stage") from error
-            found += [_composition(summary) for summary in response.get("compositions", [])]
-            token = response.get("nextToken")
-            if not token:
-                return found
+        compositions = items(
+            self._caller,
+            _STAGE_ERROR,
+            "ListCompositions",
+            "compositions",
+            filterByStageArn=stage_arn,
+            maxResults=100,
+        )
+        return [_composition(summary) async for summary in compositions]
 
     async def stop(self, arn: str) -> None:
         """Stops the composition; one already stopping, ended or gone counts as stopped."""
-        try:
-            await self._caller.call("StopComposition", arn=arn)
-        except ClientError as error:
-            if error_code(error) not in ("ResourceNotFoundException", "ConflictException"):
-                raise _overflow_error("StopComposition", error, "composition") from error
-        except BotoCoreError as error:
-            raise _translate("StopComposition", error) from error
-
-
-def _has_tags(tags: object, wanted: Mapping[str, str]) -> bool:
-    return isinstance(tags, Mapping) and all(tags.get(k) == v for k, v in wanted.items())
+        await call(
+            self._caller,
+            _COMPOSITION_ERROR,
+            "StopComposition",
+            done_if=("ResourceNotFoundException", "ConflictException"),
+            arn=arn,
+        )
 
 
 def _composition(data: Mapping[str, object]) -> IvsComposition:
