@@ -198,11 +198,10 @@ class Allocator:
 
     def ceiling(self, room: str, region_viewers: int, room_viewers: int) -> Ceiling:
         """The room's ceiling under the capacity plan, given what the deployment's other rooms hold."""
-        all_stages = sum(len(self._inventory.stages(other)) for other in self._inventory.rooms())
         return room_ceiling(
             self._settings.limits,
             room,
-            other_rooms_stages=all_stages - len(self._inventory.stages(room)),
+            other_rooms_stages=self._inventory.count() - self._inventory.count(room),
             other_rooms_viewers=max(0, region_viewers - room_viewers),
         )
 

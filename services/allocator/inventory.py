@@ -48,6 +48,12 @@ class StageInventory:
     def stages(self, room: str) -> list[StageView]:
         return sorted(self._rooms.get(room, {}).values(), key=lambda stage: stage.index)
 
+    def count(self, room: str | None = None) -> int:
+        """Stages known in `room`, or in every room: no copy, no sort."""
+        if room is not None:
+            return len(self._rooms.get(room, {}))
+        return sum(len(stages) for stages in self._rooms.values())
+
     def rooms(self) -> list[str]:
         return list(self._rooms)
 
