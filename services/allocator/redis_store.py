@@ -39,6 +39,8 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
 from services.allocator.placement import Candidate
@@ -403,6 +405,9 @@ def open_redis_client(
         url,
         max_connections=max_connections,
         timeout=timeout,
+        # A pooled connection that died with a restarted Redis fails its first command at once: it is
+        # tried once more on a new connection, so the first viewer after an outage is not refused.
+        retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
