@@ -30,6 +30,15 @@ def eventually_on(page: Page, condition: Callable[[], Any], what: str, within: f
     return eventually(lambda: page.evaluate("true") and condition(), what, within)
 
 
+def navigate_away(page: Page) -> None:
+    """The viewer leaves the way a user does: pagehide runs and the watch page sends its leave beacon.
+
+    Navigating waits for the unload handlers and keeps the browser context up while the beacon goes
+    out; page.close(run_before_unload=True) does neither, so a beacon could be lost (the lease then
+    lives its full term)."""
+    page.goto("about:blank")
+
+
 def connected_participants(ivs: Any, stage_arn: str) -> dict[str, dict[str, Any]]:
     """participantId -> summary for the CONNECTED participants of the Stage's active session."""
     session_id = ivs.get_stage(arn=stage_arn)["stage"].get("activeSessionId")

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from playwright.sync_api import Browser, BrowserContext, Page, Request, WebSocket, expect
 
 from tests.e2e.conftest import BROWSER_FAN_OUT, RunningSystem, screenshot, start_system
-from tests.e2e.pages import eventually, eventually_on, token_claims
+from tests.e2e.pages import eventually, eventually_on, navigate_away, token_claims
 
 pytestmark = pytest.mark.e2e
 
@@ -214,7 +214,7 @@ def test_watch_page_in_aws_mode_uses_the_sdk_and_retries_with_a_new_token(
         page, lambda: traffic.sockets_for(second["token"]), "a socket to the new token's events_url"
     )
 
-    page.close(run_before_unload=True)  # the leave beacon ends the lease
+    navigate_away(page)  # the leave beacon ends the lease
     eventually(lambda: aws_system.api("GET", "/api/rooms/main")[1]["viewers"] == 0, "the viewer gone")
     context.close()
     assert traffic.page_errors == []

@@ -9,7 +9,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from tests.e2e.conftest import PageProblems, RunningSystem, screenshot
-from tests.e2e.pages import connected_participants, eventually, wait_until_playing
+from tests.e2e.pages import connected_participants, eventually, navigate_away, wait_until_playing
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +62,7 @@ def test_a_viewer_waits_while_nobody_broadcasts_and_leaves_on_close(
     status, renewed = running_system.api("POST", "/api/viewer/heartbeat", {"room": ROOM, "userId": user_id})
     assert status == 200 and renewed["leaseSeconds"] == 30
 
-    page.close(run_before_unload=True)
+    navigate_away(page)
     wait_for_viewers(running_system, 0)
     context.close()
     assert problems.errors == []
@@ -148,7 +148,7 @@ def test_the_show_three_viewers_watch_the_broadcaster(
 
     # A viewer closing its page ends its lease and leaves its Stage.
     leaving = playing[2]
-    viewers[2][1].close(run_before_unload=True)
+    navigate_away(viewers[2][1])
     wait_for_viewers(running_system, 2)
     eventually(
         lambda: leaving["participantId"] not in connected_participants(ivs, leaving["stageArn"]),

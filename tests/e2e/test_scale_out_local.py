@@ -25,7 +25,7 @@ from botocore.exceptions import ClientError
 from playwright.sync_api import Browser, BrowserContext, Page, Route, expect
 
 from tests.e2e.conftest import BROWSER_FAN_OUT, PageProblems, RunningSystem, screenshot, start_system
-from tests.e2e.pages import connected_participants, eventually, wait_until_playing
+from tests.e2e.pages import connected_participants, eventually, navigate_away, wait_until_playing
 
 pytestmark = pytest.mark.e2e
 
@@ -220,11 +220,8 @@ def test_viewers_grow_the_pool_and_the_broadcaster_follows_without_reload(
     # every viewer gone, scale-in keeps at most 1 + 2 x 1 free slots, fewer than the page holds now.
     held = set(broadcaster_stages(broadcaster))
     assert len(held) > VIEWERS, held
-    # Each viewer navigates away: pagehide runs and the watch page sends its leave beacon. (Navigating
-    # waits for the unload handlers and keeps the browser context up while the beacon goes out; a
-    # page.close(run_before_unload=True) does neither, and once lost a beacon, the lease lived its 60 s.)
     for _, page in viewers:
-        page.goto("about:blank")
+        navigate_away(page)
     eventually(lambda: room_info(scaling_system)["viewers"] == 0, "every viewer gone", within=15)
     for context, _ in viewers:
         context.close()
