@@ -28,6 +28,12 @@ one exception: a replica (StartParticipantReplication) has no socket of its own,
 it goes to its source publisher's socket, whose answers find their way back; the publisher is told
 ``unsubscribe`` when such a subscriber leaves or the replication stops. Real media so flows from the
 broadcaster's page to the replica Stage's viewers with no media server, as IVS replicates server-side.
+
+A second exception is the emulator's own composition (services.ivslocal.composer): a StageTap is an
+in-process subscriber with no socket and no participant. It hears the Stage's participant frames, sends
+``subscribe``/``answer``/``candidate``/``unsubscribe`` under its own id and receives what publishers address
+to that id, so the publisher's page serves it like any subscriber; ListParticipants never shows it, as
+IVS does not list its compositions. Closing it tells the publishers ``unsubscribe`` for what it still holds.
 """
 
 from __future__ import annotations
@@ -98,6 +104,26 @@ class _ReplicaRoute:
 
 
 @dataclass(eq=False)
+class StageTap:
+    """An in-process subscriber on one Stage that is no participant; made by StageSockets.attach."""
+
+    sockets: StageSockets
+    stage_arn: str
+    tap_id: str
+    # Called with every frame for this subscriber, on the event loop; it must not block.
+    deliver: Callable[[dict[str, Any]], None]
+    # subscription id -> publisher id, so a closing tap can tell its publishers.
+    subscriptions: dict[str, str] = field(default_factory=dict)
+
+    def send(self, frame: dict[str, Any]) -> None:
+        """A signalling frame ({type, to, id, ...}) to a participant of the Stage."""
+        self.sockets.relay_from_tap(self, frame)
+
+    def close(self) -> None:
+        self.sockets.detach(self)
+
+
+@dataclass(eq=False)
 class Connection:
     """One joined participant's socket; frames go out in order through `outbox`."""
 
@@ -144,6 +170,8 @@ class StageSockets:
         self._stages: dict[str, dict[str, Connection]] = {}
         # (source Stage ARN, publisher id) -> subscriber id -> route, for subscribers of its replicas.
         self._routes: dict[tuple[str, str], dict[str, _ReplicaRoute]] = {}
+        # Stage ARN -> tap id -> the emulator's in-process subscribers on it.
+        self._taps: dict[str, dict[str, StageTap]] = {}
         self._remove_listener = state.add_listener(self._on_change)
 
     def close(self) -> None:
@@ -154,6 +182,7 @@ class StageSockets:
                 connection.end(WSCloseCode.GOING_AWAY, "emulator shutting down")
         self._stages.clear()
         self._routes.clear()
+        self._taps.clear()
 
     # --- joining and leaving -------------------------------------------------------------------
 
@@ -197,6 +226,66 @@ class StageSockets:
         # A subscriber gone ends its subscriptions through replicas.
         for publisher_key in list(self._routes):
             self._end_routes(publisher_key, lambda route: route.subscriber is connection)
+
+    # --- in-process subscribers ------------------------------------------------------------------
+
+    def attach(self, stage_arn: str, tap_id: str, deliver: Callable[[dict[str, Any]], None]) -> StageTap:
+        """Puts an in-process subscriber on the Stage; it is told `joined` with who is connected now.
+
+        Raises ResourceNotFoundError when the Stage does not exist.
+        """
+        participants = [participant_info(p) for p in self._state.connected_participants(stage_arn)]
+        tap = StageTap(self, stage_arn, tap_id, deliver)
+        self._taps.setdefault(stage_arn, {})[tap_id] = tap
+        me = {
+            "id": tap_id,
+            "userId": "",
+            "attributes": {},
+            "capabilities": {"allow_publish": False, "allow_subscribe": True},
+            "isPublishing": False,
+        }
+        deliver({"type": "joined", "participant": me, "participants": participants})
+        return tap
+
+    def detach(self, tap: StageTap) -> None:
+        """Takes the subscriber off its Stage; its publishers hear `unsubscribe` for what it still held."""
+        taps = self._taps.get(tap.stage_arn, {})
+        if taps.get(tap.tap_id) is not tap:
+            return
+        del taps[tap.tap_id]
+        if not taps:
+            del self._taps[tap.stage_arn]
+        connections = self._stages.get(tap.stage_arn, {})
+        for subscription, publisher_id in sorted(tap.subscriptions.items()):
+            publisher = connections.get(publisher_id)
+            if publisher is not None:
+                publisher.send({"type": "unsubscribe", "from": tap.tap_id, "id": subscription})
+        tap.subscriptions.clear()
+
+    def relay_from_tap(self, tap: StageTap, frame: dict[str, Any]) -> None:
+        kind, target_id, subscription = frame.get("type"), frame.get("to"), frame.get("id")
+        if self._taps.get(tap.stage_arn, {}).get(tap.tap_id) is not tap or kind not in RELAYED:
+            return
+        target = self._stages.get(tap.stage_arn, {}).get(target_id) if isinstance(target_id, str) else None
+        if target is None:
+            tap.deliver(
+                error_frame(
+                    *FAILED, f"participant {target_id!r} is not on this Stage", to=target_id, id=subscription
+                )
+            )
+            return
+        if isinstance(subscription, str) and isinstance(target_id, str):
+            if kind == "subscribe":
+                tap.subscriptions[subscription] = target_id
+            elif kind == "unsubscribe":
+                tap.subscriptions.pop(subscription, None)
+        relayed = {k: v for k, v in frame.items() if k != "to"}
+        relayed["from"] = tap.tap_id
+        target.send(relayed)
+
+    def _tell_taps(self, stage_arn: str, frame: dict[str, Any]) -> None:
+        for tap in list(self._taps.get(stage_arn, {}).values()):
+            tap.deliver(frame)
 
     # --- frames from a joined participant ------------------------------------------------------
 
@@ -242,6 +331,10 @@ class StageSockets:
             sender.send(error_frame(error.sdk_code, error.name, error.message, to=target_id, id=subscription))
             return
         target = self._stages.get(sender.stage_arn, {}).get(target_id) if isinstance(target_id, str) else None
+        tap = self._taps.get(sender.stage_arn, {}).get(target_id) if isinstance(target_id, str) else None
+        if target is None and tap is not None:
+            tap.deliver({**{k: v for k, v in frame.items() if k != "to"}, "from": sender.participant_id})
+            return
         if target is None and isinstance(target_id, str):
             target = self._across_replication(sender, kind, target_id, subscription)
         if target is None or target is sender:
@@ -346,6 +439,7 @@ class StageSockets:
             }
             for connection in connections.values():
                 connection.send(frame)
+            self._tell_taps(participant.stage_arn, frame)
 
     def _kick(self, connection: Connection, reason: str) -> None:
         self._unregister(connection)
@@ -353,11 +447,13 @@ class StageSockets:
         connection.end(CLOSE_STAGE_LEFT, reason)
         log.info("participant %s left %s: %s", connection.participant_id, connection.stage_arn, reason)
 
-    @staticmethod
-    def _broadcast(connections: dict[str, Connection], about: Participant, frame: dict[str, Any]) -> None:
+    def _broadcast(
+        self, connections: dict[str, Connection], about: Participant, frame: dict[str, Any]
+    ) -> None:
         for participant_id, connection in list(connections.items()):
             if participant_id != about.participant_id:
                 connection.send(frame)
+        self._tell_taps(about.stage_arn, frame)
 
 
 def _parse(data: str) -> dict[str, Any] | None:
