@@ -7,6 +7,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -14,6 +15,7 @@ from aiohttp import web
 from services.common.ivs_quotas import OPERATION_RATES
 from services.common.logs import protect_websocket_tokens
 from services.ivslocal import wire
+from services.ivslocal.composer import CompositionMedia
 from services.ivslocal.config import Settings
 from services.ivslocal.errors import IvsApiError, ThrottlingError, UnknownOperationError, ValidationError
 from services.ivslocal.eventbridge import SqsEventSender, forward_stage_updates, make_sqs_client
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 STATE_KEY = web.AppKey("ivslocal_state", IvsState)
 STATS_KEY = web.AppKey("ivslocal_stats", CallStats)
 LIMITER_KEY = web.AppKey("ivslocal_limiter", RateLimiter)
+MEDIA_KEY = web.AppKey("ivslocal_composition_media", CompositionMedia)
 _OPERATION = web.RequestKey("ivslocal_operation", str)
 SETTLE_INTERVAL_SECONDS = 0.25
 
@@ -346,6 +349,26 @@ async def fail_composition_handler(request: web.Request) -> web.Response:
     return _ok({"composition": wire.composition_json(composition)})
 
 
+# What a player on another origin (a page on another loopback port) needs to fetch the stream.
+_PLAYBACK_TYPES = {".m3u8": "application/vnd.apple.mpegurl", ".ts": "video/mp2t"}
+_PLAYBACK_HEADERS = {"Access-Control-Allow-Origin": "*", "Cache-Control": "no-cache"}
+
+
+async def playback_handler(request: web.Request) -> web.Response:
+    """GET /_playback/{channelId}/{file}: a composition's HLS (index.m3u8 and its segments), which AWS
+    would serve at the channel's playbackUrl; 404 until its first segment is written."""
+    media = request.app.get(MEDIA_KEY)
+    name = request.match_info["name"]
+    body = None
+    if media is not None:
+        body = await asyncio.to_thread(media.read_playback_file, request.match_info["channel_id"], name)
+    if body is None:
+        why = "composition media is off" if media is None else "no stream here (yet)"
+        return web.Response(status=404, text=f"{why}\n", headers=_PLAYBACK_HEADERS)
+    content_type = _PLAYBACK_TYPES[name[name.rindex(".") :]]
+    return web.Response(body=body, content_type=content_type, headers=_PLAYBACK_HEADERS)
+
+
 async def token_key_handler(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     return web.json_response({"kid": state.token_key_id, "publicKeyPem": state.token_public_key_pem})
@@ -384,6 +407,15 @@ async def error_middleware(
 
 async def _close_sockets(app: web.Application) -> None:
     app[SOCKETS_KEY].close()
+
+
+async def _run_composition_media(app: web.Application) -> AsyncIterator[None]:
+    media = app[MEDIA_KEY]
+    await media.start()
+    try:
+        yield
+    finally:
+        await media.close()
 
 
 async def _settle_periodically(app: web.Application) -> AsyncIterator[None]:
@@ -444,9 +476,17 @@ def create_app(
         # First in, so last out: the changes made while the app shuts down are still sent.
         app.cleanup_ctx.append(_stage_update_events(settings, settings.events_sqs_queue_url))
     app.cleanup_ctx.append(_settle_periodically)
+    if settings.composition_media:
+        media_dir = Path(settings.media_dir) if settings.media_dir else None
+        app[MEDIA_KEY] = CompositionMedia(app[STATE_KEY], app[SOCKETS_KEY], media_dir)
+        app.cleanup_ctx.append(_run_composition_media)
     app.router.add_get("/_emulator/stats", stats_handler)
     app.router.add_get("/_emulator/token-key", token_key_handler)
     app.router.add_post("/_emulator/compositions/fail", fail_composition_handler)
+    # Channel ids and segment names are plain words, so a request never names a path outside the media.
+    app.router.add_get(
+        r"/_playback/{channel_id:[A-Za-z0-9_-]+}/{name:[A-Za-z0-9_-]+\.(?:m3u8|ts)}", playback_handler
+    )
     # The Stage endpoints' `events` URL: participants' sockets (services.ivslocal.events).
     app.router.add_get("/events", events_handler)
     # .+ because the ARN arrives percent-encoded and may contain "/" once decoded.

@@ -53,6 +53,11 @@ class Settings:
     composition_idle_timeout_seconds: float = 60.0
     # STOPPED and FAILED compositions are deleted "after a few minutes" in AWS.
     composition_retention_seconds: float = 300.0
+    # An ACTIVE composition subscribes to its Stage's publisher and serves HLS (services.ivslocal.composer);
+    # off, compositions are the state machine alone.
+    composition_media: bool = True
+    # Where that HLS is written, one directory per channel; None: a temporary directory per run.
+    media_dir: str | None = None
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -93,4 +98,6 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         composition_retention_seconds=env.float(
             "FANOUT_IVSLOCAL_COMPOSITION_RETENTION_SECONDS", 300.0, minimum=0.0, maximum=86400.0
         ),
+        composition_media=env.bool("FANOUT_IVSLOCAL_COMPOSITION_MEDIA", True),
+        media_dir=env.str("FANOUT_IVSLOCAL_MEDIA_DIR", "") or None,
     )
