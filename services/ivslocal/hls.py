@@ -25,8 +25,11 @@ AUDIO_RATE = 48_000
 # How far behind the wall clock a source may fall before black video or silence fills in: more than the
 # jitter of a live WebRTC track, little enough that a player's buffer (a few segments) never runs dry.
 FILL_AFTER_SECONDS = 0.5
-# Frames per second of black video while nothing arrives.
+# Frames per second of filler video while nothing arrives.
 FILL_FPS = 5
+# A source silent this long is gone (it left, or is reconnecting): black instead of its frozen picture.
+# Shorter gaps are a busy machine's or a network's stalls, where freezing looks like what they are.
+FREEZE_SECONDS = 3.0
 # A source whose timestamps drift this far from when its frames arrive is timed anew (a stall, a skip).
 RESYNC_SECONDS = 1.0
 # Audio that ends this close to where it should is written as it comes, without silence in between.
@@ -79,8 +82,9 @@ class HlsWriter:
 
     put_video and put_audio never block: a worker thread scales, encodes and muxes, and frames the
     encoder cannot keep up with are dropped. The stream starts at the first video frame; after that,
-    black video and silence fill in while no source sends, so the playlist stays live across a
-    publisher's reconnect. close() ends the playlist with EXT-X-ENDLIST.
+    filler video (a short stall freezes the picture, a longer absence is black) and silence keep it
+    going while no source sends, so the playlist stays live across a publisher's reconnect. close()
+    ends the playlist with EXT-X-ENDLIST.
     """
 
     def __init__(
@@ -161,6 +165,7 @@ class _Stream:
         self._graph: av.filter.Graph | None = None
         self._graph_input: tuple[int, int, str] | None = None
         self._last_video = -1.0
+        self._last_picture: av.VideoFrame | None = None
         self._last_key = -1.0e9
         self._last_source_video = 0.0
         self._last_source_audio = 0.0
@@ -217,7 +222,8 @@ class _Stream:
                 float(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base else None
             )
             at = self._video_clock.seconds(item.source, source_seconds, item.arrived) - self._start
-            self._encode_video(self._scaled(frame), at)
+            self._last_picture = self._scaled(frame)
+            self._encode_video(self._last_picture, at)
         else:
             self._last_source_audio = item.arrived
             # Audio is timed by its samples; a frame that starts well after the stream's audio ends
@@ -239,11 +245,16 @@ class _Stream:
                 self._queue_audio(resampled)
 
     def fill(self, now: float) -> None:
-        """Black video and silence up to `now` minus the allowed lag, where no source sent any."""
-        if now - self._last_source_video > FILL_AFTER_SECONDS:
+        """Filler video (the last picture, then black) and silence up to `now` minus the allowed lag,
+        where no source sent any."""
+        silent_for = now - self._last_source_video
+        if silent_for > FILL_AFTER_SECONDS:
             at = now - self._start
             if at - self._last_video >= 1 / FILL_FPS:
-                self._encode_video(self._black, at)
+                last = self._last_picture
+                self._encode_video(
+                    last if last is not None and silent_for < FREEZE_SECONDS else self._black, at
+                )
         if now - self._last_source_audio > FILL_AFTER_SECONDS:
             self._silence_until(now - self._start - FILL_AFTER_SECONDS)
 
