@@ -26,27 +26,32 @@ VIDEO_WIDTH, VIDEO_HEIGHT = 320, 240
 
 
 class SyntheticVideo(VideoStreamTrack):
-    """A camera stand-in: frames of a colour that changes every frame, paced at aiortc's 30 fps."""
+    """A camera stand-in: frames of one hue (`chroma`, the U and V of every pixel) whose brightness
+    changes every frame, paced at aiortc's 30 fps."""
 
-    def __init__(self) -> None:
+    def __init__(self, chroma: tuple[int, int]) -> None:
         super().__init__()
+        self._chroma = chroma
         self._count = 0
 
     async def recv(self) -> av.VideoFrame:
         pts, time_base = await self.next_timestamp()
         frame = av.VideoFrame(VIDEO_WIDTH, VIDEO_HEIGHT, "yuv420p")
         self._count += 1
-        for plane, value in zip(frame.planes, (self._count % 220 + 16, 90, 200), strict=True):
+        for plane, value in zip(frame.planes, (self._count % 220 + 16, *self._chroma), strict=True):
             plane.update(bytes([value]) * plane.buffer_size)
         frame.pts, frame.time_base = pts, fractions.Fraction(time_base)
         return frame
 
 
 class EmulatorPublisher:
-    def __init__(self, token: dict[str, Any], *, media: bool = False) -> None:
+    def __init__(
+        self, token: dict[str, Any], *, media: bool = False, chroma: tuple[int, int] = (90, 200)
+    ) -> None:
         self.token = token
         self.participant_id = str(token["participantId"])
         self.media = media
+        self.chroma = chroma
         # (subscriber id, subscription id) -> the peer connection sending to it, while it lasts.
         self.peers: dict[tuple[str, str], RTCPeerConnection] = {}
         # Every subscription ever asked for, and every one the subscriber ended, in order.
@@ -98,7 +103,7 @@ class EmulatorPublisher:
         peer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.peers[key] = peer
         if video:
-            peer.addTrack(SyntheticVideo())
+            peer.addTrack(SyntheticVideo(self.chroma))
         if audio:
             peer.addTrack(AudioStreamTrack())
         # aiortc's offer carries its candidates, so no candidate frames follow it.

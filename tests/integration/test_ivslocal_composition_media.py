@@ -94,8 +94,8 @@ def media_sequence(text: str) -> int:
 
 
 def decoded_frames(segment: bytes) -> list[tuple[int, int]]:
-    """(width, V of the mean colour) of each video frame: the publisher's picture has V near 200, the
-    black that fills in while nobody publishes 128."""
+    """(width, V of the mean colour) of each video frame: a publisher's picture has the V of its chroma,
+    the black that fills in while nobody publishes 128."""
     frames = []
     with av.open(io.BytesIO(segment), mode="r", format="mpegts") as container:
         for frame in container.decode(video=0):
@@ -104,9 +104,14 @@ def decoded_frames(segment: bytes) -> list[tuple[int, int]]:
     return frames
 
 
-def assert_publishers_video(frames: list[tuple[int, int]]) -> None:
+def shows(publisher: EmulatorPublisher, frame: tuple[int, int]) -> bool:
+    width, v = frame
+    return width == VIDEO_WIDTH and abs(v - publisher.chroma[1]) < 20
+
+
+def assert_video_of(publisher: EmulatorPublisher, frames: list[tuple[int, int]]) -> None:
     assert frames, "no video frames in the segment"
-    assert all(width == VIDEO_WIDTH and v > 170 for width, v in frames), frames
+    assert all(shows(publisher, frame) for frame in frames), frames
 
 
 async def last_segment(setup: Composing, text: str) -> tuple[dict[str, str], bytes]:
@@ -115,6 +120,18 @@ async def last_segment(setup: Composing, text: str) -> tuple[dict[str, str], byt
     )
     assert status == 200, body
     return headers, body
+
+
+async def showing(setup: Composing, publisher: EmulatorPublisher) -> str | None:
+    """The playlist, once its newest segment is the publisher's video."""
+    text = await playlist(setup)
+    if text is None:
+        return None
+    status, _, segment = await fetch(
+        setup.http, f"{setup.server.url}/_playback/{CHANNEL_ID}/{segments(text)[-1]}"
+    )
+    frames = await asyncio.to_thread(decoded_frames, segment) if status == 200 else []
+    return text if frames and all(shows(publisher, frame) for frame in frames) else None
 
 
 async def test_an_active_composition_serves_the_publishers_video_as_hls_until_it_stops(
@@ -127,7 +144,7 @@ async def test_an_active_composition_serves_the_publishers_video_as_hls_until_it
         assert "#EXT-X-ENDLIST" not in text and segments(text)
         segment_headers, segment = await last_segment(setup, text)
         assert (segment_headers["Content-Type"], segment_headers[CORS]) == ("video/mp2t", "*")
-        assert_publishers_video(await asyncio.to_thread(decoded_frames, segment))
+        assert_video_of(setup.publisher, await asyncio.to_thread(decoded_frames, segment))
 
         # The publisher's page served one subscriber, which ListParticipants does not show, as in IVS.
         assert len(setup.publisher.peers) == 1
@@ -153,24 +170,22 @@ async def test_the_composition_follows_the_publisher_that_comes_back_as_a_new_pa
         before = await eventually(lambda: playlist(setup), "the composition's playlist", within=MEDIA_WITHIN)
         await setup.publisher.leave()
         token = await api_token(setup.ivs, setup.stage_arn, capabilities=["PUBLISH"], userId="broadcaster")
-        back = await EmulatorPublisher(token, media=True).publish()
+        # Another hue, so its picture cannot pass for the first publisher's frozen last frame.
+        back = await EmulatorPublisher(token, media=True, chroma=(200, 90)).publish()
         try:
             assert back.participant_id != setup.publisher.participant_id
             await eventually(
                 lambda: back.peers, "the composition to subscribe to the new participant", within=60
             )
-            # The same stream goes on (black in between), and segments after the switch carry its video.
-            switched = media_sequence(before) + len(segments(before)) + 2
-
-            async def after_switch() -> str | None:
-                text = await playlist(setup)
-                ok = text is not None and media_sequence(text) + len(segments(text)) > switched
-                return text if ok else None
-
-            text = await eventually(after_switch, "new segments after the switch", within=MEDIA_WITHIN)
+            text = await eventually(
+                lambda: showing(setup, back),
+                "the stream to show the new participant",
+                within=MEDIA_WITHIN,
+                every=0.5,
+            )
+            # The same stream went on through the switch: no end, and its segments numbered on.
             assert "#EXT-X-ENDLIST" not in text
-            _, segment = await last_segment(setup, text)
-            assert_publishers_video(await asyncio.to_thread(decoded_frames, segment))
+            assert media_sequence(text) + len(segments(text)) > media_sequence(before) + len(segments(before))
         finally:
             await back.leave()
 
@@ -195,3 +210,14 @@ async def test_playback_is_404_with_cors_until_a_segment_exists_and_off_when_med
 async def _stopped(setup: Composing) -> bool:
     composition = (await setup.ivs.get_composition(arn=setup.composition_arn))["composition"]
     return bool(composition["state"] == "STOPPED")
+
+
+async def test_a_failed_composition_ends_its_stream_and_unsubscribes(tmp_path: Path) -> None:
+    async with composing(tmp_path) as setup:
+        await eventually(lambda: playlist(setup), "the composition's playlist", within=MEDIA_WITHIN)
+        async with setup.http.post(
+            f"{setup.server.url}/_emulator/compositions/fail", json={"arn": setup.composition_arn}
+        ) as response:
+            assert response.status == 200, await response.text()
+        await eventually(lambda: not setup.publisher.peers, "the composition to unsubscribe", within=30)
+        await eventually(lambda: ended_playlist(setup), "the playlist to end with EXT-X-ENDLIST", within=30)
