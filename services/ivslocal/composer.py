@@ -296,7 +296,8 @@ class _Subscription:
         self._pumps.append(asyncio.create_task(self._pump(track)))
 
     def _on_state(self) -> None:
-        if self._pc.connectionState == "failed":
+        # "closed" before close() was called here: the publisher's page dropped the peer on its side.
+        if self._pc.connectionState in ("failed", "closed"):
             self.failed = True
 
     async def _pump(self, track: MediaStreamTrack) -> None:

@@ -223,6 +223,11 @@ class StageSockets:
                 del self._stages[connection.stage_arn]
             # A publisher gone takes its replicas' routes along (a newer socket of its id keeps them).
             self._routes.pop((connection.stage_arn, connection.participant_id), None)
+            # And the taps' subscriptions to it: its page has dropped them.
+            for tap in self._taps.get(connection.stage_arn, {}).values():
+                for subscription, publisher_id in list(tap.subscriptions.items()):
+                    if publisher_id == connection.participant_id:
+                        del tap.subscriptions[subscription]
         # A subscriber gone ends its subscriptions through replicas.
         for publisher_key in list(self._routes):
             self._end_routes(publisher_key, lambda route: route.subscriber is connection)
@@ -263,6 +268,7 @@ class StageSockets:
         tap.subscriptions.clear()
 
     def relay_from_tap(self, tap: StageTap, frame: dict[str, Any]) -> None:
+        """Relays the tap's signalling like a participant's; an absent target is an `error` to the tap."""
         kind, target_id, subscription = frame.get("type"), frame.get("to"), frame.get("id")
         if self._taps.get(tap.stage_arn, {}).get(tap.tap_id) is not tap or kind not in RELAYED:
             return
