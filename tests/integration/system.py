@@ -106,11 +106,28 @@ def channel_client(env: Mapping[str, str]) -> Any:
     return make_ivs_client("us-east-1", settings.channel_endpoint_url, local_credentials=True, service="ivs")
 
 
+def stagemanager_allocator_channel(address: str) -> grpc.aio.Channel:
+    """The in-process stage manager's channel to the allocator, which it dials before the allocator
+    listens. Its own subchannels: gRPC shares connections between the channels of one process, and the
+    refused connect's backoff (about a second) would hold back every other client of the allocator.
+    A short first backoff, so that it connects as soon as the allocator listens."""
+    return grpc.aio.insecure_channel(
+        address,
+        options=[
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.initial_reconnect_backoff_ms", 20),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ],
+    )
+
+
 async def start_stagemanager(
-    env: Mapping[str, str], registry: CollectorRegistry | None = None
+    env: Mapping[str, str],
+    registry: CollectorRegistry | None = None,
+    allocator_channel: grpc.aio.Channel | None = None,
 ) -> StageManagerService:
     settings = read_stagemanager_settings(env)
-    channel = grpc.aio.insecure_channel(settings.allocator_addr)
+    channel = allocator_channel or stagemanager_allocator_channel(settings.allocator_addr)
     service = await start_stage_manager(
         settings,
         ivs_client(env["FANOUT_IVS_ENDPOINT"]),
@@ -176,9 +193,13 @@ async def running_system(
             ivs_url = ivs_through.url
         env = service_env(ivs_url, state_dir, overrides)
         registries = {name: CollectorRegistry() for name in ("stagemanager", "allocator", "gateway")}
-        stagemanager = await start_stagemanager(env, registries["stagemanager"])
+        to_allocator = stagemanager_allocator_channel(env["FANOUT_ALLOCATOR_ADDR"])
+        stagemanager = await start_stagemanager(env, registries["stagemanager"], to_allocator)
         allocator = await start_allocator_for(env, stagemanager.port, registries["allocator"])
         await wait_until_serving(allocator.port)
+        # Whole only once the stage manager reaches the allocator: until then its autoscaler is blind
+        # (no occupancy), and a test's first joins would meet a pool that cannot grow.
+        await asyncio.wait_for(to_allocator.channel_ready(), 30)
         gateway_settings = GatewaySettings.from_env(
             {
                 **env,
