@@ -14,6 +14,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from gateway.errors import ApiError, UpstreamError, api_error_from_grpc
 from gateway.metrics import GatewayMetrics
+from gateway.responses import json_response
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ _KEPT_HEADERS = ("Allow", "Retry-After", "WWW-Authenticate")
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+    return json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
 
 
 def route_label(request: web.Request) -> str:
