@@ -60,6 +60,10 @@ class GatewaySettings:
     # Open connections (event streams included) per gateway process; beyond it new connections get a
     # 503. Sized for thousands of viewers on direct keep-alive connections within the pod's memory.
     http_max_connections: int = 10_000
+    # Processes serving the port (SO_REUSEPORT; the kernel spreads connections over them). Each has
+    # its own gRPC channels, connection limit, rate limiter and /metrics; in Kubernetes keep 1 and
+    # scale pods, so every scrape and limit covers one whole process.
+    workers: int = 1
     # Admission by the host app (gateway/admission.py): "jwt" requires a ticket of viewers; any one
     # key source (secret, JWKS URL or file) also lets publisher tickets in, beside the static keys.
     viewer_auth: str = "open"
@@ -131,8 +135,20 @@ class GatewaySettings:
             ),
             http_idle_seconds=idle,
             http_max_connections=env.int("FANOUT_HTTP_MAX_CONNECTIONS", 10_000, minimum=1, maximum=1_000_000),
+            workers=_workers(env),
             **admission,
         )
+
+
+def _workers(env: Env) -> int:
+    """FANOUT_GATEWAY_WORKERS: a count, or `auto` for one per CPU this process may run on."""
+    if env.raw("FANOUT_GATEWAY_WORKERS") == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = env.int("FANOUT_GATEWAY_WORKERS", 1, minimum=1, maximum=64)
+    if workers > 1 and env.int("FANOUT_GATEWAY_PORT", 8080, minimum=0, maximum=65535) == 0:
+        # Port 0 would give every worker a port of its own.
+        raise ConfigError("FANOUT_GATEWAY_WORKERS above 1 needs a fixed FANOUT_GATEWAY_PORT, not 0")
+    return workers
 
 
 def _admission_settings(env: Env) -> dict[str, Any]:

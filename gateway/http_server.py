@@ -349,7 +349,10 @@ class GatewaySite(web.BaseSite):
                 idle_timeout=settings.http_idle_seconds,
             )
 
-        self._server = await loop.create_server(new_connection, self._host, self._port)
+        # Several workers listen on one port; the kernel spreads new connections over them.
+        self._server = await loop.create_server(
+            new_connection, self._host, self._port, reuse_port=settings.workers > 1 or None
+        )
 
 
 def _noting_request_starts(server: web.Server) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,10 @@ def test_the_redis_store_defaults_to_the_local_redis_and_the_cluster_namespace()
         ({"FANOUT_HTTP_MAX_CONNECTIONS": "0"}, "FANOUT_HTTP_MAX_CONNECTIONS"),
         ({"FANOUT_HTTP_MAX_CONNECTIONS": "1.5"}, "FANOUT_HTTP_MAX_CONNECTIONS"),
         ({"FANOUT_HTTP_MAX_CONNECTIONS": "many"}, "FANOUT_HTTP_MAX_CONNECTIONS"),
+        ({"FANOUT_GATEWAY_WORKERS": "0"}, "FANOUT_GATEWAY_WORKERS"),
+        ({"FANOUT_GATEWAY_WORKERS": "some"}, "FANOUT_GATEWAY_WORKERS"),
+        # Port 0 would give every worker a port of its own.
+        ({"FANOUT_GATEWAY_WORKERS": "2", "FANOUT_GATEWAY_PORT": "0"}, "FANOUT_GATEWAY_WORKERS"),
     ],
 )
 def test_gateway_rejects_bad_http_limits_naming_the_variable(environ: dict[str, str], variable: str) -> None:
@@ -232,3 +237,10 @@ def test_publisher_keys_never_show_in_the_settings_repr() -> None:
     settings = GatewaySettings.from_env({"FANOUT_PUBLISHER_KEYS": key})
     assert settings.publisher_keys == (key,)
     assert key not in repr(settings)
+
+
+def test_gateway_serves_in_one_process_unless_told_and_auto_means_one_worker_per_cpu() -> None:
+    assert GatewaySettings.from_env({}).workers == 1
+    assert GatewaySettings.from_env({"FANOUT_GATEWAY_WORKERS": "3"}).workers == 3
+    auto = GatewaySettings.from_env({"FANOUT_GATEWAY_WORKERS": "auto"})
+    assert auto.workers == len(os.sched_getaffinity(0))
