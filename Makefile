@@ -69,8 +69,10 @@ lint: setup ## ruff (lint and format check) and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy services gateway tools
 
+# Options for tools.bench, e.g. make bench BENCH_ARGS="--no-storm --gateway-workers 2".
+BENCH_ARGS ?=
 bench: setup ## Measure viewer-token throughput and latency through the whole path
-	$(PY) -m tools.bench
+	$(PY) -m tools.bench $(BENCH_ARGS)
 
 k8s-check: $(BIN)/.installed ## Build every Kustomize overlay offline and check hardening, wiring and monitoring
 	$(PY) deploy/k8s/check.py

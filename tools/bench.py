@@ -24,8 +24,11 @@ How to read the output:
    (coordinated omission). "send lag" is how late the generator itself sent; "in flight" the most
    requests outstanding at once. Run at half the best closed-loop rate, and also at 1,000/s (the
    target's half rate) when that is higher.
-5. summary: the targets, the best rate as a fraction of the raw signing rate, an estimate of the rate
-   without the generator's CPU, the room at the end, and each service's CPU seconds since it started.
+5. summary: the targets, the best rate as a fraction of the raw signing rate measured in step 1, the
+   CPU each process spent per token at the best level (gateway, its workers together; allocator; load
+   generator), an estimate of the rate without the generator's CPU, the room at the end, the load
+   average at the start and the end (above the CPU count, other work shared the machine), and each
+   service's CPU seconds since it started.
    A WARNING line means other processes took CPU during the run: the figures then understate the
    system, so rerun on a quiet machine. Figures vary by about 10 % from run to run.
 6. join storm: fresh systems under a burst of new viewers, once with the fan-out topology (1 origin x 5
@@ -33,8 +36,9 @@ How to read the output:
    emulator; per scenario the refusals, the Stages per 1,000 viewers, the Stages the broadcaster
    publishes to against those it reaches, and the room's binding limit. tools/bench_storm.py explains it.
 
-Options: --seconds (per level), --levels (closed-loop concurrencies), --keep (keep the temp dir),
---no-storm (skip step 6), --storm-only (step 6 alone).
+Options: --seconds (per level), --levels (closed-loop concurrencies), --gateway-workers (gateway
+processes on the port; CPU columns count them together), --keep (keep the temp dir), --no-storm (skip
+step 6), --storm-only (step 6 alone).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class Run:
     keep: bool
     storm: bool = True
     tokens: bool = True
+    gateway_workers: int = 1
 
 
 async def main_async(run: Run) -> int:
@@ -66,7 +71,7 @@ async def main_async(run: Run) -> int:
     task = asyncio.current_task()
     if task is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    code = await run_bench(run.levels, run.seconds, run.keep) if run.tokens else 0
+    code = await run_bench(run.levels, run.seconds, run.keep, run.gateway_workers) if run.tokens else 0
     if code == 0 and run.storm:
         code = await run_storm(run.keep)
     return code
@@ -83,12 +88,20 @@ def parse_args(argv: Sequence[str] | None = None) -> Run:
         default=DEFAULT_LEVELS,
         help="closed-loop concurrencies, comma-separated (default 1,8,32,64)",
     )
+    parser.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        help="gateway processes sharing the port (FANOUT_GATEWAY_WORKERS; default 1)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary state dir and logs")
     parser.add_argument("--no-storm", action="store_true", help="skip the join-storm scenario")
     parser.add_argument("--storm-only", action="store_true", help="run the join-storm scenario alone")
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.seconds > 60 or not args.levels or min(args.levels) < 1:
         parser.error("--seconds must be in (0, 60] and every level at least 1")
+    if not 1 <= args.gateway_workers <= 64:
+        parser.error("--gateway-workers must be 1-64")
     if args.no_storm and args.storm_only:
         parser.error("--no-storm and --storm-only exclude each other")
     return Run(
@@ -97,6 +110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Run:
         keep=args.keep,
         storm=not args.no_storm,
         tokens=not args.storm_only,
+        gateway_workers=args.gateway_workers,
     )
 
 

@@ -32,6 +32,18 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (the gateway's workers)."""
+    total = process_cpu_seconds(pid)
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            child_pids = [int(child) for child in children.read_text().split()]
+        except (OSError, ValueError):
+            continue
+        total += sum(process_tree_cpu_seconds(child) for child in child_pids)
+    return total
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all CPUs spent not idle since boot (steal included: it is time we did not get)."""
     try:
@@ -52,7 +64,7 @@ class CpuMeter:
         self._last_wall = time.perf_counter()
 
     def read(self) -> dict[str, float]:
-        readings = {name: process_cpu_seconds(pid) for name, pid in self._pids.items()}
+        readings = {name: process_tree_cpu_seconds(pid) for name, pid in self._pids.items()}
         readings[BENCH] = cpu_seconds_of_this_process()
         readings[MACHINE] = machine_busy_seconds()
         return readings

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import cryptography
+import grpc
 
 from services.allocator.tokens import SelfSignedMinter, StageEndpoints
 from services.common import jwt_es384
@@ -239,7 +240,11 @@ async def open_loop(load: MeteredLoad, best: BestLevel, seconds: float) -> OpenL
 # 5. Summary.
 
 
-def summarize_throughput(best: BestLevel, sign_rate: float) -> None:
+def plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+def summarize_throughput(best: BestLevel, sign_rate: float, gateway_workers: int) -> None:
     verdict = "MET" if best.rate >= TARGET_TOKENS_PER_SECOND else "MISSED"
     print(
         f"   best throughput    {best.rate:,.0f} tokens/s (concurrency {best.concurrency}); target >= "
@@ -252,12 +257,16 @@ def summarize_throughput(best: BestLevel, sign_rate: float) -> None:
     if best.cpu is None:
         return
     cpus = os.cpu_count() or 1
-    services_micros = best.cpu.micros_per_token("gateway") + best.cpu.micros_per_token("allocator")
+    gateway_micros = best.cpu.micros_per_token("gateway")
+    allocator_micros = best.cpu.micros_per_token("allocator")
+    services_micros = gateway_micros + allocator_micros
     generator_micros = best.cpu.micros_per_token("generator")
     print(
         f"   at the best level  the bench's processes used {best.cpu.ours_percent():.0f} % of "
-        f"{100 * cpus} %; CPU per token: gateway + allocator {services_micros:.0f} µs "
-        f"(signing {1e6 / sign_rate:.0f} µs of it), load generator {generator_micros:.0f} µs"
+        f"{100 * cpus} %; CPU per token: gateway {gateway_micros:.0f} µs "
+        f"({plural(gateway_workers, 'process', 'processes')}), allocator {allocator_micros:.0f} µs "
+        f"(signing {1e6 / sign_rate:.0f} µs of it), together {services_micros:.0f} µs; "
+        f"load generator {generator_micros:.0f} µs"
     )
     print(
         f"   without the generator (an estimate, not a measurement): {cpus} CPUs / "
@@ -272,13 +281,14 @@ def summarize_latency(figures: OpenLoopRates) -> None:
         print(f"   p99 at {rate:,.0f}/s ({label}): {p99:.1f} ms; target <= {TARGET_P99_MS:.0f} ms: {verdict}")
 
 
-async def summarize_system(system: BenchSystem, load: MeteredLoad, started: float) -> None:
+async def summarize_system(system: BenchSystem, load: MeteredLoad, started: float, start_load: str) -> None:
     room = await system.room()
     print(
         f"   room {ROOM} at the end: {room.get('viewers')} viewers on "
         f"{len(room.get('stages', []))} Stages (the autoscaler may have grown the pool)"
     )
     wall = time.perf_counter() - started
+    print(f"   load average at the end: {load_average()} (at the start: {start_load})")
     totals = load.meter.read()
     print(
         "   CPU seconds since start: "
@@ -296,25 +306,35 @@ async def summarize_system(system: BenchSystem, load: MeteredLoad, started: floa
 # The run.
 
 
-def header() -> None:
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages: other work competes for the same CPUs."""
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def header(gateway_workers: int) -> str:
+    """Prints what the run measures on; returns the load average at the start."""
     print("ivs-fanout bench: viewer tokens through HTTP -> gateway -> allocator -> signed ES384 token")
     print(
         f"machine: {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
         f"Python {platform.python_version()}, cryptography {cryptography.__version__}, "
-        f"aiohttp {aiohttp.__version__}"
+        f"aiohttp {aiohttp.__version__}, grpcio {grpc.__version__}; "
+        f"gateway: {plural(gateway_workers, 'process', 'processes')}"
     )
+    start_load = load_average()
+    print(f"load average (1, 5, 15 min) at the start: {start_load}")
+    return start_load
 
 
-async def run_bench(levels: Sequence[int], seconds: float, keep: bool) -> int:
+async def run_bench(levels: Sequence[int], seconds: float, keep: bool, gateway_workers: int = 1) -> int:
     """Steps 1 to 5; 0 when the system answered throughout, 1 when it failed."""
-    header()
+    start_load = header(gateway_workers)
     sign_rate = await baseline()
     system: BenchSystem | None = None
     generator: LoadGenerator | None = None
     succeeded = False
     started = time.perf_counter()
     try:
-        system = BenchSystem("fanout-bench-", SETTINGS)
+        system = BenchSystem("fanout-bench-", {**SETTINGS, "FANOUT_GATEWAY_WORKERS": str(gateway_workers)})
         await start_system(system)
         generator = LoadGenerator()
         await check_viewer_token(system)
@@ -322,9 +342,9 @@ async def run_bench(levels: Sequence[int], seconds: float, keep: bool) -> int:
         best = await closed_loop(load, levels, seconds)
         open_rates = await open_loop(load, best, seconds)
         print("\n5. summary")
-        summarize_throughput(best, sign_rate)
+        summarize_throughput(best, sign_rate, gateway_workers)
         summarize_latency(open_rates)
-        await summarize_system(system, load, started)
+        await summarize_system(system, load, started, start_load)
         succeeded = True
         return 0
     except BENCH_FAILURES as error:
