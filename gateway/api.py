@@ -69,17 +69,27 @@ async def viewer_token(request: web.Request) -> web.Response:
     except UpstreamError as exc:
         metrics.viewer_assignments.labels(_REFUSALS.get(exc.error.code(), "error")).inc()
         raise
-    metrics.viewer_assignments.labels("sticky" if assigned.sticky else "placed").inc()
-    response = web.json_response(
-        {
-            "room": assigned.room or parsed.room,
-            "userId": assigned.user_id or parsed.user_id,
-            # DESIGN §7: the real-time tier (an overflow tier answers with a playback URL instead).
+    room, user_id = assigned.room or parsed.room, assigned.user_id or parsed.user_id
+    if assigned.tier == allocator_pb2.VIEWER_TIER_OVERFLOW:
+        # Past the real-time ceiling (DESIGN.md §5): the room's low-latency channel, no Stage token.
+        metrics.viewer_assignments.labels("overflow").inc()
+        body = {
+            "room": room,
+            "userId": user_id,
+            "tier": "overflow",
+            "playbackUrl": assigned.playback_url,
+            "leaseSeconds": assigned.lease_seconds,
+        }
+    else:
+        metrics.viewer_assignments.labels("sticky" if assigned.sticky else "placed").inc()
+        body = {
+            "room": room,
+            "userId": user_id,
             "tier": "realtime",
             **participant_token_json(assigned.token),
             "leaseSeconds": assigned.lease_seconds,
         }
-    )
+    response = web.json_response(body)
     metrics.token_issue_duration.observe(time.perf_counter() - started)
     return response
 
@@ -93,7 +103,10 @@ async def viewer_heartbeat(request: web.Request) -> web.Response:
             allocator_pb2.RenewViewerRequest(room=parsed.room, user_id=parsed.user_id),
             timeout=settings.rpc_timeout_seconds,
         )
-    return web.json_response({"leaseSeconds": renewed.lease_seconds, "stageArn": renewed.stage_arn or None})
+    tier = "overflow" if renewed.tier == allocator_pb2.VIEWER_TIER_OVERFLOW else "realtime"
+    return web.json_response(
+        {"leaseSeconds": renewed.lease_seconds, "stageArn": renewed.stage_arn or None, "tier": tier}
+    )
 
 
 async def viewer_leave(request: web.Request) -> web.Response:
@@ -161,7 +174,10 @@ async def get_room(request: web.Request) -> web.Response:
     if isinstance(occupancy_result, BaseException):
         raise occupancy_result
     occupancy = {entry.stage_arn: entry for entry in occupancy_result.stages if entry.room in ("", room)}
-    ceiling = next((r.ceiling for r in occupancy_result.rooms if r.room == room), None)
+    summary = next((r for r in occupancy_result.rooms if r.room == room), None)
+    ceiling = summary.ceiling if summary is not None else None
+    realtime = sum(entry.viewers for entry in occupancy.values())
+    overflow_viewers = summary.overflow_viewers if summary is not None else 0
     stages = [
         stage_json(stage, occupancy.get(stage.arn) if stage.arn else None)
         for stage in sorted(room_result.room.stages, key=lambda stage: stage.index)
@@ -169,7 +185,8 @@ async def get_room(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "room": room_result.room.room or room,
-            "viewers": sum(entry.viewers for entry in occupancy.values()),
+            "viewers": realtime + overflow_viewers,
+            "viewersByTier": {"realtime": realtime, "overflow": overflow_viewers},
             "stages": stages,
             "origins": sum(1 for stage in stages if stage["role"] == "origin"),
             "replicas": sum(1 for stage in stages if stage["role"] == "replica"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-VIEWER_RESULTS = ("placed", "sticky", "refused", "not_found", "error")
+VIEWER_RESULTS = ("placed", "sticky", "overflow", "refused", "not_found", "error")
 
 # Viewer tokens should take milliseconds (DESIGN.md §11: p99 <= 25 ms); finer buckets at the low end.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

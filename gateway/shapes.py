@@ -71,4 +71,8 @@ def overflow_json(room: common_pb2.Room) -> dict[str, Any] | None:
         state = common_pb2.OverflowState.Name(room.overflow.state).removeprefix(_OVERFLOW_PREFIX)
     except ValueError:
         state = "UNKNOWN"
-    return {"state": state, "playbackUrl": room.overflow.playback_url or None}
+    return {
+        "state": state,
+        "playbackUrl": room.overflow.playback_url or None,
+        "error": room.overflow.error or None,
+    }

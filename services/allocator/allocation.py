@@ -6,11 +6,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NoReturn
 
 from services.allocator.inventory import KEEPS_VIEWERS, REPLICA_ROLE, StageInventory, StageView
 from services.allocator.metrics import AllocatorMetrics
 from services.allocator.observations import ObservedViewers
+from services.allocator.overflow_seats import OverflowSeats
 from services.allocator.placement import Candidate
 from services.allocator.store import LeaseStore
 from services.allocator.tokens import IssuedToken, StageEndpoints, TokenMinter
@@ -49,13 +49,28 @@ class PlacementSettings:
         return self.limits.region_subscription_quota
 
 
+REALTIME = "realtime"
+OVERFLOW = "overflow"
+
+
 @dataclass(frozen=True)
 class ViewerPlacement:
+    """Where a viewer watches: a Stage (`token`), or past the ceiling the overflow tier (`playback_url`)."""
+
     room: str
     user_id: str
-    token: IssuedToken
+    token: IssuedToken | None
     lease_seconds: int
     sticky: bool
+    tier: str = REALTIME
+    playback_url: str = ""
+
+
+@dataclass(frozen=True)
+class RenewedLease:
+    lease_seconds: int
+    stage_arn: str  # "" in the overflow tier
+    tier: str
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,7 @@ class RoomOccupancy:
     viewers: int
     joins_total: int
     ceiling: Ceiling
+    overflow_viewers: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,10 +122,13 @@ class Allocator:
         minter: TokenMinter,
         settings: PlacementSettings,
         metrics: AllocatorMetrics,
+        overflow: OverflowSeats | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._inventory = inventory
         self._store = store
+        # Without it (no overflow store) a viewer past the ceiling is refused.
+        self._overflow = overflow
         self._minter = minter
         self._settings = settings
         self._metrics = metrics
@@ -156,8 +175,15 @@ class Allocator:
             settings.region_subscription_quota,
         )
         if assignment is None:
+            refusal = await self._refusal(room, now)
+            playback_url = self._inventory.overflow_url(room)
+            if refusal.code == "capacity_exhausted" and playback_url and self._overflow is not None:
+                return await self._overflow_seat(room, user_id, playback_url, now, started)
             self._metrics.assignment(room, "refused")
-            await self._refuse(room, now)
+            raise refusal
+        if self._overflow is not None and self._inventory.overflow_url(room) and not assignment.sticky:
+            # Back in real time after an overflow seat (a Stage freed up): that seat is not held twice.
+            await self._overflow.release(room, user_id)
         stage = stages[assignment.lease.stage_arn]
         token = await self._minter.mint(
             _endpoints(stage),
@@ -171,14 +197,32 @@ class Allocator:
         self._metrics.assign_latency.observe(time.perf_counter() - started)
         return ViewerPlacement(room, user_id, token, settings.lease_seconds, assignment.sticky)
 
-    async def _refuse(self, room: str, now: float) -> NoReturn:
-        """Says which limit turned the viewer away (capacity_exhausted, naming it), or that the room's
+    async def _overflow_seat(
+        self, room: str, user_id: str, playback_url: str, now: float, started: float
+    ) -> ViewerPlacement:
+        """Past the real-time ceiling: a seat in the room's overflow tier instead of a refusal."""
+        assert self._overflow is not None
+        assignment = await self._overflow.take(room, user_id, self._settings.lease_seconds, now)
+        self._metrics.assignment(room, "overflow")
+        self._metrics.assign_latency.observe(time.perf_counter() - started)
+        return ViewerPlacement(
+            room,
+            user_id,
+            None,
+            self._settings.lease_seconds,
+            assignment.sticky,
+            tier=OVERFLOW,
+            playback_url=playback_url,
+        )
+
+    async def _refusal(self, room: str, now: float) -> NoCapacity:
+        """Which limit turned the viewer away (capacity_exhausted, naming it), or that the room's
         next Stages are still coming (no_capacity)."""
         settings = self._settings
         region = await self._store.region_leases(now)
         if region >= settings.region_subscription_quota:
             ceiling = room_ceiling(settings.limits, room, other_rooms_viewers=region)
-            raise NoCapacity(
+            return NoCapacity(
                 ceiling.refusal(), code="capacity_exhausted", retry_after=settings.no_capacity_retry_after
             )
         ceiling = self.ceiling(room, region, 0)
@@ -187,10 +231,10 @@ class Allocator:
         # A STANDBY Stage beside LIVE ones is a replica whose replication is (re)starting.
         coming = [stage for stage in stages if stage.state == "STANDBY" and stage.arn not in eligible]
         if len(stages) >= ceiling.stages and not coming:
-            raise NoCapacity(
+            return NoCapacity(
                 ceiling.refusal(), code="capacity_exhausted", retry_after=settings.no_capacity_retry_after
             )
-        raise NoCapacity(
+        return NoCapacity(
             f"room {room} has no Stage that can take another viewer yet; more are coming",
             code="no_capacity",
             retry_after=settings.no_capacity_retry_after,
@@ -205,18 +249,24 @@ class Allocator:
             other_rooms_viewers=max(0, region_viewers - room_viewers),
         )
 
-    async def renew_viewer(self, room: str, user_id: str) -> tuple[int, str]:
+    async def renew_viewer(self, room: str, user_id: str) -> RenewedLease:
         check_room_id(room)
         check_user_id(user_id)
-        lease = await self._store.renew(room, user_id, self._settings.lease_seconds, self._clock())
-        if lease is None:
-            raise NotFound("this viewer has no live lease; ask for a new token", code="lease_not_found")
-        return self._settings.lease_seconds, lease.stage_arn
+        seconds, now = self._settings.lease_seconds, self._clock()
+        lease = await self._store.renew(room, user_id, seconds, now)
+        if lease is not None:
+            return RenewedLease(seconds, lease.stage_arn, REALTIME)
+        if self._overflow is not None and await self._overflow.renew(room, user_id, seconds, now) is not None:
+            return RenewedLease(seconds, "", OVERFLOW)
+        raise NotFound("this viewer has no live lease; ask for a new token", code="lease_not_found")
 
     async def release_viewer(self, room: str, user_id: str) -> bool:
         check_room_id(room)
         check_user_id(user_id)
-        return await self._store.release(room, user_id)
+        released = await self._store.release(room, user_id)
+        if not released and self._overflow is not None:
+            released = await self._overflow.release(room, user_id)
+        return released
 
     async def issue_publisher_tokens(
         self, room: str, user_id: str, min_revision: int, stage_arns: list[str]
@@ -278,12 +328,23 @@ class Allocator:
                     )
                 )
         region = await self._store.region_leases(now)
+        overflow = await self._overflow_viewers(room, now)
         summaries = []
         for room_id in rooms:
             viewers = sum(counts.get(room_id, {}).values())
             ceiling = self.ceiling(room_id, region, viewers)
-            summaries.append(RoomOccupancy(room_id, viewers, joins.get(room_id, 0), ceiling))
+            summaries.append(
+                RoomOccupancy(room_id, viewers, joins.get(room_id, 0), ceiling, overflow.get(room_id, 0))
+            )
         return Occupancy(stages, summaries, region)
+
+    async def _overflow_viewers(self, room: str, now: float) -> dict[str, int]:
+        """Overflow seats per room (`room`, or every room when empty)."""
+        if self._overflow is None:
+            return {}
+        if room:
+            return {room: await self._overflow.viewers(room, now)}
+        return await self._overflow.viewers_by_room(now)
 
     def record_observations(self, observations: list[StageViewersObservation]) -> None:
         for observation in observations:
@@ -294,6 +355,8 @@ class Allocator:
 
     async def reap_expired(self) -> int:
         expired = await self._store.reap(self._clock())
+        if self._overflow is not None:
+            expired += await self._overflow.reap(self._clock())
         for lease in expired:
             self._metrics.reaped.labels(lease.room).inc()
         if expired:
@@ -305,6 +368,7 @@ class Allocator:
         self._metrics.publish_occupancy(
             ((s.room, s.stage_arn, s.leased, s.observed, s.viewers) for s in occupancy.stages),
             {r.room: r.viewers for r in occupancy.rooms},
+            {r.room: r.overflow_viewers for r in occupancy.rooms},
         )
         self._metrics.region_subscriptions.set(occupancy.region_subscriptions)
         self._metrics.region_subscription_quota.set(self._settings.region_subscription_quota)
@@ -320,5 +384,7 @@ class Allocator:
         for stage in stages:
             self._observed.forget(stage.arn)
         dropped = await self._store.drop_room(room)
+        if self._overflow is not None:
+            dropped += await self._overflow.drop_room(room)
         if dropped:
             log.info("room %s ended: released %d viewer lease(s)", room, dropped)

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.ids import stage_id
 
-ASSIGNMENT_RESULTS = ("placed", "sticky", "refused", "not_found")
+ASSIGNMENT_RESULTS = ("placed", "sticky", "overflow", "refused", "not_found")
 
 
 class AllocatorMetrics:
@@ -61,6 +61,13 @@ class AllocatorMetrics:
         self.room_viewers = Gauge(
             "fanout_room_viewers", "Viewers holding a live lease, by room.", ["room"], registry=registry
         )
+        self.tier_viewers = Gauge(
+            "fanout_room_viewers_by_tier",
+            "Viewers holding a live lease, by room and tier: realtime (on a Stage) or overflow (the"
+            " room's low-latency channel, past the real-time ceiling).",
+            ["room", "tier"],
+            registry=registry,
+        )
         self.overflow = Gauge(
             "fanout_viewer_overflow",
             "Viewers placed beyond soft capacity (summed over the room's Stages), by room.",
@@ -79,9 +86,14 @@ class AllocatorMetrics:
         self.assignments.labels(room, result).inc()
 
     def publish_occupancy(
-        self, stages: Iterable[tuple[str, str, int, int, int]], rooms: dict[str, int]
+        self,
+        stages: Iterable[tuple[str, str, int, int, int]],
+        rooms: dict[str, int],
+        overflow_tier: dict[str, int] | None = None,
     ) -> None:
-        """Sets the gauges from (room, stage_arn, leased, observed, effective) rows; drops vanished Stages."""
+        """Sets the gauges from (room, stage_arn, leased, observed, effective) rows, the real-time viewers
+        per room and the overflow tier's per room; drops vanished Stages and rooms."""
+        overflow_tier = overflow_tier or {}
         seen: set[tuple[str, str]] = set()
         overflow: dict[str, int] = dict.fromkeys(rooms, 0)
         for room, arn, leased, observed, effective in stages:
@@ -100,7 +112,11 @@ class AllocatorMetrics:
         for room, viewers in rooms.items():
             self.room_viewers.labels(room).set(viewers)
             self.overflow.labels(room).set(overflow.get(room, 0))
+            self.tier_viewers.labels(room, "realtime").set(viewers)
+            self.tier_viewers.labels(room, "overflow").set(overflow_tier.get(room, 0))
         for room in self._rooms - set(rooms):
             self.room_viewers.remove(room)
             self.overflow.remove(room)
+            self.tier_viewers.remove(room, "realtime")
+            self.tier_viewers.remove(room, "overflow")
         self._rooms = set(rooms)

@@ -16,6 +16,7 @@ from services.allocator.config import AllocatorSettings
 from services.allocator.inventory import StageInventory
 from services.allocator.ivs import IvsTokenApi
 from services.allocator.metrics import AllocatorMetrics
+from services.allocator.overflow_seats import OVERFLOW_SEAT, OverflowSeats
 from services.allocator.redis_store import open_redis_store
 from services.allocator.servicer import AllocatorServicer
 from services.allocator.signing_key import load_or_create_private_key, load_private_key
@@ -42,6 +43,7 @@ class AllocatorService:
     store: LeaseStore
     caller: IvsCaller
     tasks: list[asyncio.Task[None]]
+    overflow: OverflowSeats
 
     @property
     def port(self) -> int:
@@ -51,6 +53,7 @@ class AllocatorService:
         await self.grpc.stop(grace)
         await cancel_and_wait(self.tasks)
         await self.store.close()
+        await self.overflow.close()
         self.caller.close()
 
 
@@ -79,10 +82,12 @@ async def build_minter(settings: AllocatorSettings, token_api: IvsTokenApi) -> T
     return SelfSignedMinter(key, kid)
 
 
-def open_store(settings: AllocatorSettings) -> LeaseStore:
-    """The configured lease store; a Redis client is created only for the Redis store."""
+def open_store(settings: AllocatorSettings, tier: str = "") -> LeaseStore:
+    """The configured lease store; a Redis client is created only for the Redis store. With `tier`,
+    the store of that tier's seats, in a namespace of its own (overflow_seats.py)."""
     if settings.store == "redis" and settings.redis_url:
-        return open_redis_store(settings.redis_url, settings.cluster_id)
+        namespace = f"{settings.cluster_id}:{tier}" if tier else settings.cluster_id
+        return open_redis_store(settings.redis_url, namespace)
     return MemoryLeaseStore()
 
 
@@ -101,7 +106,8 @@ async def start_allocator(
     if store is None:
         store = open_store(settings)
     metrics = AllocatorMetrics(registry, settings.placement.soft_capacity, settings.placement.hard_limit)
-    allocator = Allocator(inventory, store, minter, settings.placement, metrics)
+    overflow = OverflowSeats(open_store(settings, OVERFLOW_SEAT))
+    allocator = Allocator(inventory, store, minter, settings.placement, metrics, overflow)
     watcher = InventoryWatcher(
         stagemanager_pb2_grpc.StageManagerStub(stagemanager_channel), inventory, allocator
     )
@@ -117,7 +123,7 @@ async def start_allocator(
         asyncio.create_task(_serve_when_ready(watcher, server, store, metrics)),
         asyncio.create_task(_reap_forever(allocator)),
     ]
-    return AllocatorService(server, allocator, store, caller, tasks)
+    return AllocatorService(server, allocator, store, caller, tasks, overflow)
 
 
 async def _serve_when_ready(

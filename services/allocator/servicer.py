@@ -6,7 +6,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.fanout.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2
-from services.allocator.allocation import Allocator, StageViewersObservation
+from services.allocator.allocation import OVERFLOW, REALTIME, Allocator, StageViewersObservation
 from services.allocator.tokens import IssuedToken
 
 
@@ -21,6 +21,9 @@ def token_to_proto(token: IssuedToken) -> common_pb2.ParticipantToken:
     )
 
 
+_TIERS = {REALTIME: allocator_pb2.VIEWER_TIER_REALTIME, OVERFLOW: allocator_pb2.VIEWER_TIER_OVERFLOW}
+
+
 class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
     def __init__(self, allocator: Allocator) -> None:
         self._allocator = allocator
@@ -32,16 +35,20 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         return allocator_pb2.AssignViewerResponse(
             room=placement.room,
             user_id=placement.user_id,
-            token=token_to_proto(placement.token),
+            token=token_to_proto(placement.token) if placement.token is not None else None,
             lease_seconds=placement.lease_seconds,
             sticky=placement.sticky,
+            tier=_TIERS[placement.tier],
+            playback_url=placement.playback_url,
         )
 
     async def RenewViewer(
         self, request: allocator_pb2.RenewViewerRequest, context: grpc.aio.ServicerContext
     ) -> allocator_pb2.RenewViewerResponse:
-        lease_seconds, stage_arn = await self._allocator.renew_viewer(request.room, request.user_id)
-        return allocator_pb2.RenewViewerResponse(lease_seconds=lease_seconds, stage_arn=stage_arn)
+        renewed = await self._allocator.renew_viewer(request.room, request.user_id)
+        return allocator_pb2.RenewViewerResponse(
+            lease_seconds=renewed.lease_seconds, stage_arn=renewed.stage_arn, tier=_TIERS[renewed.tier]
+        )
 
     async def ReleaseViewer(
         self, request: allocator_pb2.ReleaseViewerRequest, context: grpc.aio.ServicerContext
@@ -75,6 +82,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
                     room=r.room,
                     viewers=r.viewers,
                     joins_total=r.joins_total,
+                    overflow_viewers=r.overflow_viewers,
                     ceiling=allocator_pb2.RoomCeiling(
                         viewers=r.ceiling.viewers,
                         stages=r.ceiling.stages,

@@ -30,6 +30,18 @@ def stage_from_proto(stage: common_pb2.Stage) -> StageView:
     )
 
 
+# The overflow tier takes viewers while its channel exists and its composition is on its way or on
+# air: a viewer sent there while it starts waits for the stream (the player retries), not for an error.
+_OVERFLOW_SERVING = frozenset({common_pb2.OVERFLOW_STATE_STARTING, common_pb2.OVERFLOW_STATE_ACTIVE})
+
+
+def overflow_url(room: common_pb2.Room) -> str:
+    """The room's overflow playback URL while that tier takes viewers, else ""."""
+    if room.ending or not room.HasField("overflow") or room.overflow.state not in _OVERFLOW_SERVING:
+        return ""
+    return room.overflow.playback_url
+
+
 class RemovalListener(Protocol):
     """Told of explicit removals only: the leases on what is gone end with it."""
 
@@ -79,11 +91,12 @@ class InventoryWatcher:
             rooms = [room.room for room in snapshot.rooms]
             ending = [room.room for room in snapshot.rooms if room.ending]
             stages = [stage_from_proto(s) for room in snapshot.rooms for s in room.stages]
+            overflow = {room.room: overflow_url(room) for room in snapshot.rooms}
             if snapshot.complete:
-                inventory.replace_all(rooms, ending, stages, event.revision)
+                inventory.replace_all(rooms, ending, stages, event.revision, overflow)
                 self.ready.set()
             else:
-                inventory.merge(rooms, ending, stages, event.revision)
+                inventory.merge(rooms, ending, stages, event.revision, overflow)
         elif kind in ("stage_added", "stage_changed"):
             inventory.put_stage(stage_from_proto(getattr(event, kind)), event.revision)
         elif kind == "stage_removed":
@@ -93,7 +106,10 @@ class InventoryWatcher:
                 # Known or not (this allocator may have started since), its leases end with it.
                 await self._tell(self._listener.stages_removed([gone or stage_from_proto(removed)]))
         elif kind == "room_changed":
-            inventory.put_room(event.room_changed.room, event.revision, ending=event.room_changed.ending)
+            changed = event.room_changed
+            inventory.put_room(
+                changed.room, event.revision, ending=changed.ending, overflow_url=overflow_url(changed)
+            )
         elif kind == "room_ended":
             room = event.room_ended.room
             await self._tell(self._listener.room_ended(room, inventory.remove_room(room, event.revision)))

@@ -46,8 +46,10 @@ def _translate(operation: str, error: Exception) -> Exception:
 class ChannelApi:
     """Small adapter over the boto3 `ivs` client."""
 
-    def __init__(self, caller: IvsCaller) -> None:
+    def __init__(self, caller: IvsCaller, playback_url_template: str | None = None) -> None:
         self._caller = caller
+        # Locally the emulator, not the channel, serves the composition: "…/{channel_id}/index.m3u8".
+        self._playback = playback_url_template
 
     async def create_channel(self, name: str, tags: Mapping[str, str]) -> IvsChannel:
         """A LOW latency STANDARD channel, open to every viewer (no playback authorization)."""
@@ -61,10 +63,10 @@ class ChannelApi:
             authorized=False,
             tags=dict(tags),
         )
-        return _channel(response["channel"])
+        return self._channel(response["channel"])
 
     async def get_channel(self, arn: str) -> IvsChannel:
-        return _channel((await call(self._caller, _translate, "GetChannel", arn=arn))["channel"])
+        return self._channel((await call(self._caller, _translate, "GetChannel", arn=arn))["channel"])
 
     async def delete_channel(self, arn: str) -> None:
         """Deletes the channel; one that is already gone counts as deleted."""
@@ -74,16 +76,21 @@ class ChannelApi:
         """Every channel carrying all of `tags` (ListChannels summaries carry tags), by name if given."""
         by_name = {"filterByName": name} if name is not None else {}
         channels = items(self._caller, _translate, "ListChannels", "channels", maxResults=100, **by_name)
-        return [_channel(summary) async for summary in channels if has_tags(summary.get("tags") or {}, tags)]
+        return [
+            self._channel(summary) async for summary in channels if has_tags(summary.get("tags") or {}, tags)
+        ]
 
-
-def _channel(data: Mapping[str, object]) -> IvsChannel:
-    tags = data.get("tags") or {}
-    assert isinstance(tags, Mapping)
-    return IvsChannel(
-        arn=str(data["arn"]),
-        name=str(data.get("name") or ""),
+    def _channel(self, data: Mapping[str, object]) -> IvsChannel:
+        tags = data.get("tags") or {}
+        assert isinstance(tags, Mapping)
+        arn = str(data["arn"])
         # ChannelSummary has no playbackUrl: GetChannel gives it.
-        playback_url=str(data.get("playbackUrl") or ""),
-        tags={str(k): str(v) for k, v in tags.items()},
-    )
+        playback_url = str(data.get("playbackUrl") or "")
+        if self._playback and playback_url:
+            playback_url = self._playback.format(channel_id=arn.rsplit("/", 1)[-1])
+        return IvsChannel(
+            arn=arn,
+            name=str(data.get("name") or ""),
+            playback_url=playback_url,
+            tags={str(k): str(v) for k, v in tags.items()},
+        )

@@ -48,6 +48,8 @@ class StageManagerSettings:
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     # The `ivs` (low-latency channels) API: moto's server locally, the region's endpoint in AWS (None).
     channel_endpoint_url: str | None = None
+    # Where a channel plays when not at its own playbackUrl, with {channel_id}: the emulator locally.
+    playback_url_template: str | None = None
 
 
 def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
@@ -98,18 +100,24 @@ def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
             lease_seconds=env.float("FANOUT_LEADER_LEASE_SECONDS", 6.0, minimum=1.0, maximum=120.0),
         )
     overflow = OverflowSettings(
-        # Off until the allocator hands viewers past the ceiling the overflow tier: until then a
-        # composition and channel per live room would cost money and serve nobody.
-        mode=env.choice("FANOUT_OVERFLOW", "off", MODES),
+        # On by default (DESIGN.md §5): past the real-time ceiling a viewer watches a few seconds late
+        # instead of being turned away. A live room then costs a composition and a channel in AWS.
+        mode=env.choice("FANOUT_OVERFLOW", "auto", MODES),
         check_seconds=env.float("FANOUT_OVERFLOW_CHECK_SECONDS", 10.0, minimum=0.5, maximum=600.0),
         retry_seconds=env.float("FANOUT_OVERFLOW_RETRY_SECONDS", 60.0, minimum=1.0, maximum=3600.0),
     )
     channel_endpoint = env.str("FANOUT_IVS_CHANNEL_ENDPOINT", "", pattern=r"https?://[^\s]+") or None
     if channel_endpoint is None and ivs.mode == "local":
         channel_endpoint = LOCAL_IVS_CHANNEL_ENDPOINT
+    # Locally moto's playback URLs lead nowhere: the emulator serves each channel's composition as HLS.
+    playback_default = ""
+    if ivs.mode == "local":
+        playback_default = f"{ivs.endpoint_url}/_playback/{{channel_id}}/index.m3u8"
+    playback_template = env.str("FANOUT_OVERFLOW_PLAYBACK_URL", playback_default, pattern=r"(https?://\S+)?")
     return StageManagerSettings(
         shared=shared,
         overflow=overflow,
+        playback_url_template=playback_template or None,
         webhooks=read_webhook_settings(environ),
         channel_endpoint_url=channel_endpoint,
         listen=listen,

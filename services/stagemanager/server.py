@@ -8,9 +8,9 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import redis.asyncio as redis
@@ -42,6 +42,8 @@ from services.stagemanager.shared_inventory import InventoryFollower, InventoryM
 from services.webhooks.service import start_webhooks
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SERVICE_NAME = stagemanager_pb2.DESCRIPTOR.services_by_name["StageManager"].full_name
 
@@ -113,7 +115,7 @@ async def start_stage_manager(
     inventory = Inventory()
     overflow = OverflowManager(
         inventory,
-        ChannelApi(channel_caller),
+        ChannelApi(channel_caller, settings.playback_url_template),
         CompositionApi(caller),
         settings.overflow,
         settings.rooms.cluster_id,
@@ -180,33 +182,31 @@ async def _lead_or_follow(
     act: Callable[[], list[asyncio.Task[None]]],
 ) -> None:
     """Follows the leader's inventory (serving reads) until this replica wins the lease, then takes
-    over: replays what the old leader wrote last, reconciles with IVS, and acts. Ends the process
-    when the lease is lost."""
+    over: replays what the old leader wrote last, reconciles with IVS, and acts. The process ends when
+    the lease is lost (`_end_when_lease_lost`)."""
     follower = InventoryFollower(client, cluster_id, inventory)
-    delay = 0.5
-    while True:
-        try:
-            await follower.load()
-            break
-        except (RedisError, OSError) as error:
-            log.warning("cannot read the shared inventory (%s); retrying in %.1fs", error, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    await _until_redis_answers(follower.load, "cannot read the shared inventory")
     rooms.mark_readable()
     await server.set_serving(True)
     following = asyncio.create_task(follower.run())
     campaign = asyncio.create_task(lease.run())
-    service.tasks.extend([following, campaign])
+    service.tasks.extend(
+        [following, campaign, asyncio.create_task(_end_when_lease_lost(service, lease, metrics))]
+    )
     await lease.became_leader.wait()
     await cancel_and_wait([following])
     started = time.monotonic()
-    await follower.catch_up()
+    # A Redis call that fails here (a slow answer is a timeout) is tried again: left to end this task,
+    # it would leave a leader that holds the lease and never acts.
+    await _until_redis_answers(follower.catch_up, "cannot replay the old leader's last changes")
     mirror = InventoryMirror(client, cluster_id, inventory, lease)
     service.tasks.append(asyncio.create_task(mirror.run()))
-    if not await follower.leader_wrote_state():
+    if not await _until_redis_answers(follower.leader_wrote_state, "cannot read the shared inventory"):
         # No leader wrote an inventory yet (or Redis lost it): the whole of it is rebuilt from IVS and
         # written afresh, so followers load a state that matches it.
-        await shared_inventory.clear(client, cluster_id)
+        await _until_redis_answers(
+            lambda: shared_inventory.clear(client, cluster_id), "cannot clear the shared inventory"
+        )
         # Revisions from the wall clock, as a lone stage manager's (they keep increasing over restarts).
         inventory.load([], time.time_ns() // 1_000)
     metrics.leader.set(1)
@@ -214,10 +214,27 @@ async def _lead_or_follow(
     await _recover_until_done(rooms, server)
     log.info("took over as leader in %.1f s", time.monotonic() - started)
     service.tasks.extend(act())
+
+
+async def _end_when_lease_lost(
+    service: StageManagerService, lease: LeaderLease, metrics: StageManagerMetrics
+) -> None:
+    """Also in the middle of a takeover (which may be waiting for Redis)."""
     await lease.lost.wait()
     metrics.leader.set(0)
     log.error("this replica no longer leads; ending the process so that it restarts as a follower")
     service.must_exit.set()
+
+
+async def _until_redis_answers(call: Callable[[], Awaitable[T]], failure: str) -> T:
+    delay = 0.5
+    while True:
+        try:
+            return await call()
+        except (RedisError, OSError) as error:
+            log.warning("%s (%s); retrying in %.1fs", failure, error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 async def _recover_until_done(rooms: RoomManager, server: GrpcServer) -> None:

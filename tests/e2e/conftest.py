@@ -84,6 +84,9 @@ def start_system(state_dir: Path, **settings: str) -> Iterator[RunningSystem]:
         "FANOUT_ALLOCATOR_METRICS_PORT": str(free_port()),
         "FANOUT_MONITOR_METRICS_PORT": str(free_port()),
         "FANOUT_VIEWER_LEASE_SECONDS": "30",
+        # The overflow tier composes every live room into HLS in the emulator (real media, CPU): only
+        # the modules about it turn it on.
+        "FANOUT_OVERFLOW": "off",
         **settings,
     }
     with log_path.open("wb") as log:

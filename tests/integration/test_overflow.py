@@ -137,7 +137,11 @@ async def test_a_live_room_gets_a_channel_and_a_composition_and_its_end_removes_
     [configuration] = encoder["encoderConfigurations"]
     assert configuration["tags"] == {"fanout:cluster": "test", "fanout:role": "overflow"}
     assert destination["configuration"]["channel"]["encoderConfigurationArn"] == configuration["arn"]
-    assert info == {"state": "ACTIVE", "playbackUrl": channel["playbackUrl"]}
+    # Locally the emulator serves the composition's HLS (moto's playback URLs lead nowhere).
+    channel_id = channel["arn"].rsplit("/", 1)[-1]
+    assert info["state"] == "ACTIVE" and info["error"] is None
+    assert info["playbackUrl"].startswith("http://127.0.0.1:")
+    assert info["playbackUrl"].endswith(f"/_playback/{channel_id}/index.m3u8")
     assert [c["arn"] for c in stopped] == [running[0]["arn"]]
 
 
@@ -300,3 +304,107 @@ async def test_a_restart_adopts_the_channel_and_composition_and_deletes_an_orpha
 async def _origin_live(cluster: Any) -> bool:
     room = (await cluster.rooms.GetRoom(pb.GetRoomRequest(room="main"), timeout=5)).room
     return room.stages[0].state == common_pb2.STAGE_STATE_LIVE
+
+
+# One origin of two seats: the real-time ceiling is 2 viewers, so the 3rd and later get the overflow tier.
+TWO_SEATS = {
+    **FAST,
+    "FANOUT_DIRECT_STAGES": "1",
+    "FANOUT_REPLICAS_PER_ORIGIN": "0",
+    "FANOUT_STAGE_CAPACITY": "2",
+    "FANOUT_STAGE_HARD_LIMIT": "2",
+    "FANOUT_MIN_STAGES": "1",
+}
+
+
+async def ask_token(http: aiohttp.ClientSession, system: System, user_id: str) -> tuple[int, dict[str, Any]]:
+    async with http.post(
+        f"{system.gateway_url}/api/token/viewer", json={"room": "main", "userId": user_id}
+    ) as response:
+        return response.status, await response.json()
+
+
+async def viewer_call(http: aiohttp.ClientSession, system: System, path: str, user_id: str) -> dict[str, Any]:
+    async with http.post(f"{system.gateway_url}{path}", json={"room": "main", "userId": user_id}) as response:
+        assert response.status in (200, 204), await response.text()
+        return await response.json() if response.status == 200 else {}
+
+
+async def test_viewers_past_the_ceiling_get_the_overflow_tier_instead_of_a_refusal(tmp_path: Path) -> None:
+    with running_channel_api() as channels:
+        async with (
+            running_system(tmp_path, FANOUT_IVS_CHANNEL_ENDPOINT=channels.endpoint, **TWO_SEATS) as system,
+            aiohttp.ClientSession() as http,
+        ):
+            _, publisher = await go_live(http, system)
+            overflow = await eventually(
+                lambda: _overflow_state(http, system, "ACTIVE"), what="an ACTIVE overflow", within=15
+            )
+            answers = {}
+            for user in ("v1", "v2", "v3", "v4"):
+                status, answers[user] = await ask_token(http, system, user)
+                assert status == 200, answers[user]
+            by_tier = (await room_info(http, system))["viewersByTier"]
+            # The same overflow viewer asking again keeps its seat (sticky) and is not counted twice.
+            status, again = await ask_token(http, system, "v3")
+            assert status == 200 and again["tier"] == "overflow", again
+            heartbeat = await viewer_call(http, system, "/api/viewer/heartbeat", "v4")
+            occupancy = await system.allocator.GetOccupancy(allocator_pb2.GetOccupancyRequest(room="main"))
+
+            # A real-time viewer leaves: an overflow viewer who asks again gets the freed seat.
+            await viewer_call(http, system, "/api/viewer/leave", "v1")
+            status, promoted = await ask_token(http, system, "v3")
+            after_promotion = (await room_info(http, system))["viewersByTier"]
+            await viewer_call(http, system, "/api/viewer/leave", "v4")
+            after_leave = (await room_info(http, system))["viewersByTier"]
+
+            # The room ends: every seat of both tiers ends with it (a heartbeat finds no lease).
+            status, late = await ask_token(http, system, "v5")
+            assert status == 200 and late["tier"] == "overflow", late
+            await end_room(http, system)
+
+            async def lease_gone(user: str) -> bool:
+                async with http.post(
+                    f"{system.gateway_url}/api/viewer/heartbeat", json={"room": "main", "userId": user}
+                ) as response:
+                    body = await response.json()
+                    return response.status == 404 and body["error"]["code"] == "lease_not_found"
+
+            for user in ("v2", "v5"):
+                await eventually(lambda user=user: lease_gone(user), what=f"{user}'s lease to end", within=10)
+            await publisher.leave()
+
+    assert [answers[user]["tier"] for user in ("v1", "v2")] == ["realtime", "realtime"]
+    assert all(answers[user]["token"] and answers[user]["stageArn"] for user in ("v1", "v2"))
+    for user in ("v3", "v4"):
+        assert answers[user] == {
+            "room": "main",
+            "userId": user,
+            "tier": "overflow",
+            "playbackUrl": overflow["playbackUrl"],
+            "leaseSeconds": answers["v1"]["leaseSeconds"],
+        }
+    assert by_tier == {"realtime": 2, "overflow": 2}
+    assert heartbeat == {"leaseSeconds": answers["v4"]["leaseSeconds"], "stageArn": None, "tier": "overflow"}
+    [room] = occupancy.rooms
+    assert (room.viewers, room.overflow_viewers) == (2, 2)
+    assert status == 200 and promoted["tier"] == "realtime" and promoted["stageArn"], promoted
+    assert after_promotion == {"realtime": 2, "overflow": 1}
+    assert after_leave == {"realtime": 2, "overflow": 0}
+
+
+async def test_with_overflow_off_a_viewer_past_the_ceiling_is_refused(tmp_path: Path) -> None:
+    async with (
+        running_system(tmp_path, **{**TWO_SEATS, "FANOUT_OVERFLOW": "off"}) as system,
+        aiohttp.ClientSession() as http,
+    ):
+        _, publisher = await go_live(http, system)
+        statuses = [(await ask_token(http, system, user))[0] for user in ("v1", "v2")]
+        status, refused = await ask_token(http, system, "v3")
+        info = await room_info(http, system)
+        await publisher.leave()
+
+    assert statuses == [200, 200]
+    assert status == 503 and refused["error"]["code"] == "capacity_exhausted", refused
+    assert "FANOUT_REPLICAS_PER_ORIGIN" in refused["error"]["message"]
+    assert info["overflow"] is None and info["viewersByTier"] == {"realtime": 2, "overflow": 0}

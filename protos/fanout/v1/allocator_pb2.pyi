@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from protos.fanout.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,28 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ViewerTier:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ViewerTierEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ViewerTier.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VIEWER_TIER_UNSPECIFIED: _ViewerTier.ValueType  # 0
+    VIEWER_TIER_REALTIME: _ViewerTier.ValueType  # 1
+    """On a Stage, with a participant token."""
+    VIEWER_TIER_OVERFLOW: _ViewerTier.ValueType  # 2
+    """Past the real-time ceiling: the room's low-latency channel, a few seconds behind."""
+
+class ViewerTier(_ViewerTier, metaclass=_ViewerTierEnumTypeWrapper):
+    """Where a viewer watches (DESIGN.md §5)."""
+
+VIEWER_TIER_UNSPECIFIED: ViewerTier.ValueType  # 0
+VIEWER_TIER_REALTIME: ViewerTier.ValueType  # 1
+"""On a Stage, with a participant token."""
+VIEWER_TIER_OVERFLOW: ViewerTier.ValueType  # 2
+"""Past the real-time ceiling: the room's low-latency channel, a few seconds behind."""
+Global___ViewerTier: _TypeAlias = ViewerTier  # noqa: Y015
 
 @_typing.final
 class AssignViewerRequest(_message.Message):
@@ -50,13 +73,20 @@ class AssignViewerResponse(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
     STICKY_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    PLAYBACK_URL_FIELD_NUMBER: _builtins.int
     room: _builtins.str
     user_id: _builtins.str
     lease_seconds: _builtins.int
     sticky: _builtins.bool
     """True when an existing lease was renewed rather than a new place taken."""
+    tier: Global___ViewerTier.ValueType
+    playback_url: _builtins.str
+    """The overflow tier's HLS playback URL; empty for the real-time tier."""
     @_builtins.property
-    def token(self) -> _common_pb2.ParticipantToken: ...
+    def token(self) -> _common_pb2.ParticipantToken:
+        """Set for the real-time tier only."""
+
     def __init__(
         self,
         *,
@@ -65,10 +95,12 @@ class AssignViewerResponse(_message.Message):
         token: _common_pb2.ParticipantToken | None = ...,
         lease_seconds: _builtins.int = ...,
         sticky: _builtins.bool = ...,
+        tier: Global___ViewerTier.ValueType = ...,
+        playback_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "room", b"room", "sticky", b"sticky", "token", b"token", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "playback_url", b"playback_url", "room", b"room", "sticky", b"sticky", "tier", b"tier", "token", b"token", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -102,17 +134,21 @@ class RenewViewerResponse(_message.Message):
 
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
     STAGE_ARN_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
     lease_seconds: _builtins.int
     stage_arn: _builtins.str
+    """The Stage of a real-time lease; empty for the overflow tier."""
+    tier: Global___ViewerTier.ValueType
     def __init__(
         self,
         *,
         lease_seconds: _builtins.int = ...,
         stage_arn: _builtins.str = ...,
+        tier: Global___ViewerTier.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "stage_arn", b"stage_arn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "stage_arn", b"stage_arn", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -300,6 +336,7 @@ class RoomOccupancy(_message.Message):
     VIEWERS_FIELD_NUMBER: _builtins.int
     JOINS_TOTAL_FIELD_NUMBER: _builtins.int
     CEILING_FIELD_NUMBER: _builtins.int
+    OVERFLOW_VIEWERS_FIELD_NUMBER: _builtins.int
     room: _builtins.str
     viewers: _builtins.int
     """Live leases in the room."""
@@ -307,6 +344,8 @@ class RoomOccupancy(_message.Message):
     """Placements of new viewers since the allocator's store began (not renewals): the autoscaler
     derives the join rate from it.
     """
+    overflow_viewers: _builtins.int
+    """Live leases in the room's overflow tier (not counted in viewers: they hold no subscription)."""
     @_builtins.property
     def ceiling(self) -> Global___RoomCeiling:
         """The most this room can hold under the capacity plan (DESIGN.md §5), and the limit that binds."""
@@ -318,10 +357,11 @@ class RoomOccupancy(_message.Message):
         viewers: _builtins.int = ...,
         joins_total: _builtins.int = ...,
         ceiling: Global___RoomCeiling | None = ...,
+        overflow_viewers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ceiling", b"ceiling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ceiling", b"ceiling", "joins_total", b"joins_total", "room", b"room", "viewers", b"viewers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ceiling", b"ceiling", "joins_total", b"joins_total", "overflow_viewers", b"overflow_viewers", "room", b"room", "viewers", b"viewers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -71,8 +71,9 @@ class AllocatorServicer:
 
     def AssignViewer(self, request, context):
         """Places a viewer on the least-loaded eligible Stage, or renews its live lease (sticky), and
-        returns a subscribe-only token. RESOURCE_EXHAUSTED when no Stage can take the viewer;
-        NOT_FOUND when the room does not exist.
+        returns a subscribe-only token. Past the room's ceiling, a seat in the room's overflow tier
+        (its playback URL) when the room has one. RESOURCE_EXHAUSTED when no Stage can take the viewer
+        and there is no overflow tier; NOT_FOUND when the room does not exist.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -33,8 +33,9 @@ class AllocatorStub:
     def __new__(cls, channel: _aio.Channel) -> AllocatorAsyncStub: ...
     AssignViewer: _grpc.UnaryUnaryMultiCallable[_allocator_pb2.AssignViewerRequest, _allocator_pb2.AssignViewerResponse]
     """Places a viewer on the least-loaded eligible Stage, or renews its live lease (sticky), and
-    returns a subscribe-only token. RESOURCE_EXHAUSTED when no Stage can take the viewer;
-    NOT_FOUND when the room does not exist.
+    returns a subscribe-only token. Past the room's ceiling, a seat in the room's overflow tier
+    (its playback URL) when the room has one. RESOURCE_EXHAUSTED when no Stage can take the viewer
+    and there is no overflow tier; NOT_FOUND when the room does not exist.
     """
     RenewViewer: _grpc.UnaryUnaryMultiCallable[_allocator_pb2.RenewViewerRequest, _allocator_pb2.RenewViewerResponse]
     """Extends a live lease. NOT_FOUND when the viewer has none."""
@@ -54,8 +55,9 @@ class AllocatorAsyncStub(AllocatorStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     AssignViewer: _aio.UnaryUnaryMultiCallable[_allocator_pb2.AssignViewerRequest, _allocator_pb2.AssignViewerResponse]  # type: ignore[assignment]
     """Places a viewer on the least-loaded eligible Stage, or renews its live lease (sticky), and
-    returns a subscribe-only token. RESOURCE_EXHAUSTED when no Stage can take the viewer;
-    NOT_FOUND when the room does not exist.
+    returns a subscribe-only token. Past the room's ceiling, a seat in the room's overflow tier
+    (its playback URL) when the room has one. RESOURCE_EXHAUSTED when no Stage can take the viewer
+    and there is no overflow tier; NOT_FOUND when the room does not exist.
     """
     RenewViewer: _aio.UnaryUnaryMultiCallable[_allocator_pb2.RenewViewerRequest, _allocator_pb2.RenewViewerResponse]  # type: ignore[assignment]
     """Extends a live lease. NOT_FOUND when the viewer has none."""
@@ -78,8 +80,9 @@ class AllocatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_allocator_pb2.AssignViewerResponse, _abc.Awaitable[_allocator_pb2.AssignViewerResponse]]:
         """Places a viewer on the least-loaded eligible Stage, or renews its live lease (sticky), and
-        returns a subscribe-only token. RESOURCE_EXHAUSTED when no Stage can take the viewer;
-        NOT_FOUND when the room does not exist.
+        returns a subscribe-only token. Past the room's ceiling, a seat in the room's overflow tier
+        (its playback URL) when the room has one. RESOURCE_EXHAUSTED when no Stage can take the viewer
+        and there is no overflow tier; NOT_FOUND when the room does not exist.
         """
 
     @_abc_1.abstractmethod
