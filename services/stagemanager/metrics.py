@@ -13,6 +13,7 @@ from services.common.capacity import CapacityLimits, room_ceiling
 from services.common.errors import Unavailable
 from services.stagemanager.inventory import Inventory
 from services.stagemanager.model import ORIGIN, REPLICA, Replication, StageState
+from services.stagemanager.overflow import COMPOSITION_STATES
 from services.stagemanager.topology import placed
 
 _REPLICA_STATES = (Replication.ACTIVE, Replication.WAITING, Replication.STOPPED)
@@ -103,6 +104,33 @@ class StageManagerMetrics:
             ["room", "action"],
             registry=registry,
         )
+        # The overflow tier (services/stagemanager/overflow.py, DESIGN.md §5).
+        self.overflow_enabled = Gauge(
+            "fanout_overflow_enabled",
+            "1 when rooms get an overflow tier (FANOUT_OVERFLOW=auto), 0 when it is off.",
+            registry=registry,
+        )
+        self.overflow_composition = Gauge(
+            "fanout_overflow_composition",
+            "The state of each room's overflow composition: 1 for the current state, 0 for the others;"
+            " no series while the room has none.",
+            ["room", "state"],
+            registry=registry,
+        )
+        self.overflow_start = Histogram(
+            "fanout_overflow_composition_start_seconds",
+            "From StartComposition to the composition first seen ACTIVE (seen by polling, so to about"
+            " a second).",
+            buckets=(0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120),
+            registry=registry,
+        )
+        self.overflow_failures = Counter(
+            "fanout_overflow_composition_failures",
+            "Overflow compositions that could not start, by room and reason: refused (IVS refused a"
+            " call: a quota, a permission) or failed (the composition went FAILED).",
+            ["room", "reason"],
+            registry=registry,
+        )
 
 
 _ROOM_LIMITS = ("stages", "origins", "replicas_per_origin")
@@ -150,6 +178,7 @@ def _publish(
             metrics.room_used.remove(gone, limit)
             metrics.room_limit.remove(gone, limit)
         metrics.publishing.remove(gone)
+        _publish_overflow(metrics, gone, "")
     all_placed = sum(len(placed(room)) for room in rooms)
     metrics.region_stages.set(all_placed)
     for room in rooms:
@@ -159,6 +188,7 @@ def _publish(
         for state, count in counts.items():
             metrics.stages.labels(room.room, state.value).set(count)
         metrics.publishing.labels(room.room).set(1 if room.publishing else 0)
+        _publish_overflow(metrics, room.room, room.overflow_state)
         holding = placed(room)
         replicas = dict.fromkeys(_REPLICA_STATES, 0)
         for stage in holding:
@@ -180,3 +210,12 @@ def _publish(
             metrics.room_limit.labels(room.room, name).set(limit_of[name])
     known_rooms.clear()
     known_rooms.update(current)
+
+
+def _publish_overflow(metrics: StageManagerMetrics, room: str, state: str) -> None:
+    """One series per state while the room has a composition (1 for its state), none otherwise."""
+    for known in COMPOSITION_STATES:
+        if state in COMPOSITION_STATES:
+            metrics.overflow_composition.labels(room, known).set(1 if known == state else 0)
+        else:
+            metrics.overflow_composition.remove(room, known)

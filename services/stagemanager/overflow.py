@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from services.common.errors import FanoutError, NotFound, Unavailable
 from services.common.stage_tags import TAG_CLUSTER, TAG_ROLE, TAG_ROOM
@@ -36,6 +36,10 @@ from services.stagemanager.channels import ChannelApi, IvsChannel
 from services.stagemanager.inventory import Inventory
 from services.stagemanager.ivs import CompositionApi, IvsComposition, OverflowRefused
 from services.stagemanager.model import EXISTING_STATES, RoomRecord, StageRecord
+
+if TYPE_CHECKING:
+    # Only for the type: metrics.py imports this module's states.
+    from services.stagemanager.metrics import StageManagerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ STOPPING = "STOPPING"
 STOPPED = "STOPPED"
 FAILED = "FAILED"
 RUNNING = frozenset({STARTING, ACTIVE, STOPPING})
+COMPOSITION_STATES = (STARTING, ACTIVE, STOPPING, STOPPED, FAILED)
 OVERFLOW_ROLE = "overflow"
 # What the composition sends to the channel: IVS's defaults (720p30 at 2.5 Mbps), the Web SDK's top
 # simulcast layer, within a STANDARD channel's input limits.
@@ -81,6 +86,7 @@ class OverflowManager:
         compositions: CompositionApi,
         settings: OverflowSettings,
         cluster_id: str,
+        metrics: StageManagerMetrics,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._inventory = inventory
@@ -88,13 +94,18 @@ class OverflowManager:
         self._compositions = compositions
         self._settings = settings
         self._cluster = cluster_id
+        self._metrics = metrics
         self._clock = clock
+        # Per room: the composition this manager started and when it called StartComposition, until
+        # it is first seen ACTIVE (the start latency's sample) or fails or stops first (no sample).
+        self._starting: dict[str, tuple[str, float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         # Per room: no IVS call for it before this time (polling cadence, retry delays).
         self._not_before: dict[str, float] = {}
         self._encoder_arn = ""
         self._encoder_lock = asyncio.Lock()
         self._failing = False
+        metrics.overflow_enabled.set(1 if self.enabled else 0)
 
     @property
     def enabled(self) -> bool:
@@ -142,6 +153,8 @@ class OverflowManager:
         known = {room.room for room in self._inventory.rooms()}
         for room_id in set(self._not_before) - known:
             del self._not_before[room_id]
+        for room_id in set(self._starting) - known:
+            del self._starting[room_id]
 
     async def _check(self, room: RoomRecord) -> None:
         if room.ending or self._clock() < self._not_before.get(room.room, 0.0):
@@ -162,14 +175,21 @@ class OverflowManager:
             composition = await self._compositions.get(room.overflow_composition_arn)
         except NotFound:
             # IVS deletes ended compositions after a few minutes.
+            self._starting.pop(room.room, None)
             self._set(room, state=STOPPED, composition_arn="", error="")
             return
         self._record(room, composition)
 
     def _record(self, room: RoomRecord, composition: IvsComposition) -> None:
+        started = self._starting.get(room.room)
+        if started is not None and (started[0] != composition.arn or composition.state != STARTING):
+            del self._starting[room.room]
+            if started[0] == composition.arn and composition.state == ACTIVE:
+                self._metrics.overflow_start.observe(max(0.0, self._clock() - started[1]))
         if composition.state == FAILED:
             if room.overflow_state != FAILED:
                 log.warning("room %s: overflow composition %s FAILED", room.room, composition.arn)
+                self._metrics.overflow_failures.labels(room.room, "failed").inc()
             error = "the composition failed: IVS could not broadcast to the channel"
             self._set(room, state=FAILED, composition_arn=composition.arn, error=error)
             self._not_before[room.room] = self._clock() + self._settings.retry_seconds
@@ -197,9 +217,11 @@ class OverflowManager:
                 None,
             )
             if composition is None:
+                called_at = self._clock()
                 composition = await self._compositions.start(
                     origin.arn, room.overflow_channel_arn, encoder, tags
                 )
+                self._starting[room.room] = (composition.arn, called_at)
                 log.info(
                     "room %s: composing Stage %d into channel %s (%s)",
                     room.room,
@@ -209,6 +231,7 @@ class OverflowManager:
                 )
         except OverflowRefused as error:
             log.error("room %s: no overflow tier: %s", room.room, error.message)
+            self._metrics.overflow_failures.labels(room.room, "refused").inc()
             self._set(room, state=FAILED, error=error.message)
             self._not_before[room.room] = self._clock() + self._settings.retry_seconds
             return
@@ -257,6 +280,7 @@ class OverflowManager:
         if not self.enabled and not room.overflow_channel_arn:
             return
         async with self._lock(room.room):
+            self._starting.pop(room.room, None)
             tags = self._room_tags(room.room)
             compositions = {room.overflow_composition_arn} - {""}
             # Every origin, DELETING ones too: the ending marked them all before calling this.

@@ -119,6 +119,7 @@ async def start_stage_manager(
         CompositionApi(caller),
         settings.overflow,
         settings.rooms.cluster_id,
+        metrics,
     )
     rooms = RoomManager(inventory, StageApi(caller), settings.rooms, metrics, overflow=overflow)
     replicator = Replicator(rooms, inventory, ReplicationApi(caller), settings.rooms, metrics)
