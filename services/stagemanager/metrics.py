@@ -121,7 +121,7 @@ class StageManagerMetrics:
             "fanout_overflow_composition_start_seconds",
             "From StartComposition to the composition first seen ACTIVE (seen by polling, so to about"
             " a second).",
-            buckets=(0.5, 1, 2, 3, 5, 8, 13, 21, 34, 60, 120),
+            buckets=(0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 120),
             registry=registry,
         )
         self.overflow_failures = Counter(
