@@ -12,6 +12,9 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 SDK_VERSION := 1.41.0
 SDK_JS := web/vendor/amazon-ivs-web-broadcast.js
+PLAYER_VERSION := 1.56.1
+PLAYER_DIR := web/vendor/ivs-player
+PLAYER_JS := $(PLAYER_DIR)/amazon-ivs-player.js
 PROTO_SRC := $(wildcard protos/fanout/v1/*.proto)
 
 .PHONY: help setup system-deps run test lint proto check-proto bench k8s-check clean
@@ -31,7 +34,22 @@ $(SDK_JS):
 	tar -xzf .fanout/sdk/amazon-ivs-web-broadcast-$(SDK_VERSION).tgz -C .fanout/sdk
 	cp .fanout/sdk/package/dist/amazon-ivs-web-broadcast.js $(SDK_JS)
 
-setup: $(BIN)/.installed $(SDK_JS) ## Create the virtualenv, install pinned dependencies, vendor the IVS web SDK
+# The IVS Player SDK plays the overflow tier (a channel's HLS). Its npm package is CommonJS with npm
+# dependencies, so esbuild (from npm, pinned) bundles it into one script that defines window.IVSPlayer;
+# its wasm worker files are served beside it.
+$(PLAYER_JS):
+	mkdir -p $(PLAYER_DIR) .fanout/player
+	cd .fanout/player && echo '{"private": true}' > package.json && \
+	  npm install --silent --no-audit --no-fund amazon-ivs-player@$(PLAYER_VERSION) bowser@2.13.1 \
+	    lodash@4.17.21 events@3.3.0 util@0.12.5 esbuild@0.24.2 >/dev/null && \
+	  echo "window.IVSPlayer = require('amazon-ivs-player');" > entry.js && \
+	  ./node_modules/.bin/esbuild entry.js --bundle --minify --format=iife --platform=browser \
+	    --define:process.env.NODE_ENV='"production"' --log-level=warning --outfile=player.js
+	cp .fanout/player/node_modules/amazon-ivs-player/dist/assets/amazon-ivs-wasmworker.min.js \
+	   .fanout/player/node_modules/amazon-ivs-player/dist/assets/amazon-ivs-wasmworker.min.wasm $(PLAYER_DIR)/
+	cp .fanout/player/player.js $@
+
+setup: $(BIN)/.installed $(SDK_JS) $(PLAYER_JS) ## Create the virtualenv, install pinned dependencies, vendor the IVS web SDK and player
 
 # The tests drive a real Chromium, a real Prometheus and private redis-servers; all from Debian's packages.
 system-deps: ## Install the Debian packages the tests drive (chromium, prometheus, redis-server) if they are missing

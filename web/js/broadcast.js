@@ -345,9 +345,16 @@ async function refreshRoom() {
   try {
     lastRoomAnswer = await getRoom(room);
     missingRoom = null;
-    const { viewers, stages, origins, replicas } = lastRoomAnswer;
+    const { viewers, stages, origins, replicas, overflow, viewersByTier } = lastRoomAnswer;
     const topology = replicas ? ` (${origins} origin(s), ${replicas} replica(s))` : '';
-    els.roomSummary.textContent = `${viewers} viewer(s) on ${stages.length} Stage(s)${topology}. Updated ${new Date().toLocaleTimeString()}.`;
+    // With an overflow tier, the viewers per tier and the state of its composition (DESIGN.md §5).
+    const tiers = viewersByTier || { realtime: viewers, overflow: 0 };
+    const split = overflow || tiers.overflow ? ` (${tiers.realtime} real-time + ${tiers.overflow} overflow)` : '';
+    const overflowState = overflow ? ` Overflow tier: ${overflow.state}${overflow.error ? ` (${overflow.error})` : ''}.` : '';
+    els.roomSummary.dataset.realtime = String(tiers.realtime);
+    els.roomSummary.dataset.overflow = String(tiers.overflow);
+    els.roomSummary.dataset.overflowState = overflow ? overflow.state : '';
+    els.roomSummary.textContent = `${viewers} viewer(s)${split} on ${stages.length} Stage(s)${topology}.${overflowState} Updated ${new Date().toLocaleTimeString()}.`;
     els.stagesBody.dataset.empty = 'No Stages yet.';
   } catch (error) {
     lastRoomAnswer = null;

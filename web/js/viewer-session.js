@@ -3,7 +3,9 @@
 // the snapshot passed to onUpdate and puts `tracks` on its <video>.
 //
 // States: connecting · no-show (room not created yet) · full (503) · joining · waiting (joined, the
-// broadcaster is not publishing) · playing · reconnecting · stopped · error (nothing to retry, e.g. an
+// broadcaster is not publishing) · playing · overflow (past the real-time ceiling: the page plays
+// `playbackUrl`, the room's low-latency channel; the lease and heartbeats go on as on a Stage) ·
+// reconnecting · stopped · error (nothing to retry, e.g. an
 // invalid room, or a ticket for another room) · ticket (the gateway wants a ticket this page lacks or
 // refused the one it had; the host app was asked for a new one, and its arrival starts again).
 //
@@ -65,6 +67,8 @@ export class ViewerSession {
       userId,
       stageArn: null,
       participantId: null,
+      tier: null,
+      playbackUrl: null,
       message: '',
       retryAt: null,
     };
@@ -119,11 +123,29 @@ export class ViewerSession {
     }
     if (generation !== this.generation) return;
 
+    if (answer.tier === 'overflow') {
+      // Past the real-time ceiling: no Stage, the room's channel a few seconds behind.
+      this.attempt = 0;
+      this.update({
+        room: answer.room,
+        userId: answer.userId,
+        stageArn: null,
+        participantId: null,
+        tier: 'overflow',
+        playbackUrl: answer.playbackUrl,
+        state: 'overflow',
+        message: 'The real-time seats are full: watching the stream a few seconds behind.',
+      });
+      this.startHeartbeat(generation);
+      return;
+    }
     this.update({
       room: answer.room,
       userId: answer.userId,
       stageArn: answer.stageArn,
       participantId: answer.participantId,
+      tier: 'realtime',
+      playbackUrl: null,
     });
     this.startHeartbeat(generation);
     this.join(generation, answer.token);

@@ -1,7 +1,9 @@
-// The watch page: renders a ViewerSession (token, lease, subscribe-only Stage) onto a <video>. A host
-// app admits its viewers with a ticket in `#ticket=` or a `fanout:ticket` message (ticket.js).
+// The watch page: renders a ViewerSession (token, lease, subscribe-only Stage) onto a <video>; past
+// the real-time ceiling the session names the room's channel instead and an OverflowPlayer plays it.
+// A host app admits its viewers with a ticket in `#ticket=` or a `fanout:ticket` message (ticket.js).
 
 import { getConfig } from './api.js';
+import { OverflowPlayer } from './overflow-player.js';
 import { loadStageSdk } from './sdk.js';
 import { TicketHolder } from './ticket.js';
 import { ViewerSession } from './viewer-session.js';
@@ -19,6 +21,8 @@ const els = {
   overlay: byId('video-overlay'),
   unmute: byId('unmute'),
   status: byId('status'),
+  tierNote: byId('tier-note'),
+  tier: byId('tier'),
   error: byId('error'),
   roomName: byId('room-name'),
   stageId: byId('stage-id'),
@@ -34,6 +38,9 @@ const view = {
   userId: null,
   stageArn: null,
   participantId: null,
+  // realtime (on a Stage) or overflow (the room's channel, a few seconds behind); null before a token.
+  tier: null,
+  playbackUrl: null,
   message: '',
 };
 window.fanoutWatch = view;
@@ -48,13 +55,27 @@ const OVERLAY_TEXT = {
   stopped: 'Stopped',
   error: 'Cannot play',
   ticket: 'A ticket is needed',
+  overflow: 'Starting the stream…',
 };
 
 let session = null;
 let shownTracks = [];
+let player = null;
+// The overflow player's own state, while the session is in the overflow tier.
+let overflow = { state: 'loading', message: '' };
+
+/** The session's state, with the overflow tier's playback folded in: playing once its video plays. */
+function pageState(snapshot) {
+  if (snapshot.state !== 'overflow') return snapshot.state;
+  if (overflow.state === 'playing') return 'playing';
+  return overflow.state === 'error' ? 'error' : 'overflow';
+}
 
 function statusText(snapshot) {
-  if (snapshot.state === 'playing') return 'Live.';
+  if (pageState(snapshot) === 'playing') {
+    return snapshot.state === 'overflow' ? 'Live, a few seconds behind.' : 'Live.';
+  }
+  if (snapshot.state === 'overflow' && overflow.message) return overflow.message;
   let text = snapshot.message || snapshot.state;
   if (snapshot.retryAt) {
     const seconds = Math.max(1, Math.round((snapshot.retryAt - Date.now()) / 1000));
@@ -72,34 +93,52 @@ function showTracks(tracks) {
   if (tracks.length) els.video.play().catch(() => {});
 }
 
+function followTier(snapshot) {
+  if (snapshot.state === 'overflow' && snapshot.playbackUrl) {
+    // A Stage's tracks would win over the player's source: they go first.
+    if (els.video.srcObject) showTracks([]);
+    player.play(snapshot.playbackUrl);
+  } else if (player.url) {
+    player.stop();
+    overflow = { state: 'loading', message: '' };
+  }
+}
+
 function render(snapshot) {
+  followTier(snapshot);
+  const state = pageState(snapshot);
   Object.assign(view, {
-    state: snapshot.state,
+    state,
     room: snapshot.room,
     userId: snapshot.userId,
     stageArn: snapshot.stageArn,
     participantId: snapshot.participantId,
-    message: snapshot.message,
+    tier: snapshot.tier,
+    playbackUrl: snapshot.playbackUrl,
+    message: snapshot.state === 'overflow' && overflow.message ? overflow.message : snapshot.message,
     hasTicket: tickets.current !== null,
   });
   // A ticket's subject is the host app's user id: not kept beyond the visit.
   if (snapshot.userId && !tickets.current) storageSet('localStorage', USER_ID_STORAGE, snapshot.userId);
 
-  setStatus(els.status, snapshot.state, statusText(snapshot));
+  setStatus(els.status, state, statusText(snapshot));
+  els.tier.textContent = snapshot.tier === 'overflow' ? 'Overflow (a few seconds behind)' : snapshot.tier ? 'Real-time' : '—';
+  els.tierNote.hidden = snapshot.state !== 'overflow';
   els.roomName.textContent = snapshot.room || '—';
   els.stageId.textContent = snapshot.stageArn ? stageId(snapshot.stageArn) : '—';
   els.stageId.title = snapshot.stageArn || '';
   els.stageId.dataset.stageArn = snapshot.stageArn || '';
   els.userId.textContent = snapshot.userId || '—';
 
-  const playing = snapshot.state === 'playing';
+  const playing = state === 'playing';
   els.overlay.hidden = playing;
-  els.overlay.textContent = OVERLAY_TEXT[snapshot.state] || snapshot.state;
+  els.overlay.textContent = OVERLAY_TEXT[state] || state;
   els.unmute.hidden = !playing || !els.video.muted;
-  if (snapshot.state === 'error' || snapshot.state === 'ticket') showError(els.error, snapshot.message);
+  if (state === 'error' || state === 'ticket') showError(els.error, view.message);
   else clearError(els.error);
 
-  showTracks(session ? session.tracks : []);
+  // The overflow player owns the <video> while the session is in that tier.
+  if (snapshot.state !== 'overflow') showTracks(session ? session.tracks : []);
 }
 
 function unmute() {
@@ -132,6 +171,10 @@ async function main() {
     return;
   }
 
+  player = new OverflowPlayer(els.video, (state, message = '') => {
+    overflow = { state, message };
+    if (session) render(session.snapshot);
+  });
   const claims = tickets.claims();
   session = new ViewerSession({
     sdk,
