@@ -16,6 +16,7 @@ from gateway import validation
 from gateway.admission import PUBLISHER, VIEWER
 from gateway.appkeys import ADMISSION, CLIENTS, METRICS, SETTINGS
 from gateway.errors import BodyTimeout, MalformedBody, UpstreamError, calling
+from gateway.responses import json_response
 from gateway.shapes import overflow_json, participant_token_json, stage_json, state_name
 from protos.fanout.v1 import allocator_pb2, stagemanager_pb2
 
@@ -49,7 +50,7 @@ async def publisher_tokens(request: web.Request) -> web.Response:
         {**participant_token_json(issued_token.token), "state": state_name(issued_token.state)}
         for issued_token in issued.tokens
     ]
-    return web.json_response({"room": issued.room or parsed.room, "tokens": tokens})
+    return json_response({"room": issued.room or parsed.room, "tokens": tokens})
 
 
 async def viewer_token(request: web.Request) -> web.Response:
@@ -89,7 +90,7 @@ async def viewer_token(request: web.Request) -> web.Response:
             **participant_token_json(assigned.token),
             "leaseSeconds": assigned.lease_seconds,
         }
-    response = web.json_response(body)
+    response = json_response(body)
     metrics.token_issue_duration.observe(time.perf_counter() - started)
     return response
 
@@ -104,7 +105,7 @@ async def viewer_heartbeat(request: web.Request) -> web.Response:
             timeout=settings.rpc_timeout_seconds,
         )
     tier = "overflow" if renewed.tier == allocator_pb2.VIEWER_TIER_OVERFLOW else "realtime"
-    return web.json_response(
+    return json_response(
         {"leaseSeconds": renewed.lease_seconds, "stageArn": renewed.stage_arn or None, "tier": tier}
     )
 
@@ -182,7 +183,7 @@ async def get_room(request: web.Request) -> web.Response:
         stage_json(stage, occupancy.get(stage.arn) if stage.arn else None)
         for stage in sorted(room_result.room.stages, key=lambda stage: stage.index)
     ]
-    return web.json_response(
+    return json_response(
         {
             "room": room_result.room.room or room,
             "viewers": realtime + overflow_viewers,
@@ -225,7 +226,7 @@ async def end_room(request: web.Request) -> web.Response:
 async def page_config(request: web.Request) -> web.Response:
     """GET /api/config: what the pages need to know about this deployment."""
     settings = request.app[SETTINGS]
-    return web.json_response(
+    return json_response(
         {
             "mode": settings.mode,
             "defaultRoom": settings.default_room,
@@ -237,7 +238,7 @@ async def page_config(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     """GET /healthz: the process answers; dependencies are /readyz's business."""
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -250,9 +251,9 @@ async def readyz(request: web.Request) -> web.Response:
     dependencies = {"allocator": allocator, "stagemanager": stagemanager}
     down = [name for name, status in dependencies.items() if status != "SERVING"]
     if not down:
-        return web.json_response({"status": "ready", "dependencies": dependencies})
+        return json_response({"status": "ready", "dependencies": dependencies})
     message = "Not ready: " + ", ".join(f"{name} is {dependencies[name]}" for name in down) + "."
-    return web.json_response(
+    return json_response(
         {"error": {"code": "not_ready", "message": message}, "dependencies": dependencies}, status=503
     )
 
