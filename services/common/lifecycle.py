@@ -49,6 +49,18 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
     await asyncio.gather(*pending, return_exceptions=True)
 
 
+def raise_if_cancelled() -> None:
+    """Raises the cancellation of the current task, if one is pending.
+
+    For a loop around redis-py's asyncio client: a call can answer (or fail) as if nothing happened
+    although the task was cancelled meanwhile (seen with 8.1.0, redis-py issue #2028), and the loop
+    would go on forever under a `cancel_and_wait`.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def freeze_startup_heap() -> None:
     """Moves everything alive after start-up out of the garbage collector's view.
 

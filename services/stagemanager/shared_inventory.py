@@ -24,6 +24,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
+from services.common.lifecycle import raise_if_cancelled
 from services.stagemanager.inventory import Change, ChangeKind, Inventory
 from services.stagemanager.leadership import LeaderLease
 from services.stagemanager.model import Replication, RoomRecord, StageRecord, StageState
@@ -223,6 +224,9 @@ class InventoryFollower:
                 log.warning("cannot follow the inventory in Redis: %s", error)
                 await asyncio.sleep(0.5)
                 continue
+            finally:
+                # A follower that wins the lease cancels this loop before taking over, and waits for it.
+                raise_if_cancelled()
             await self._apply(answer)
 
     async def catch_up(self) -> None:
