@@ -117,6 +117,10 @@ class IvsCaller:
         # Runs right before each call goes out (after any wait for the budget): may refuse it by
         # raising, e.g. a stage manager that no longer leads (services/stagemanager/leadership.py).
         self._guard = guard
+        if guard is not None:
+            # Again in the worker thread, once the request is signed and about to be sent: a process
+            # paused (SIGSTOP, a long GC) after the first check would otherwise send it when it wakes.
+            client.meta.events.register("before-send", self._guard_before_send)
         self._budget = budget
         self._metrics = metrics
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ivs")
@@ -146,6 +150,11 @@ class IvsCaller:
                 raise
             self._count(operation, "ok", started)
             return result
+
+    def _guard_before_send(self, event_name: str, **_: Any) -> None:
+        assert self._guard is not None
+        # before-send.<service>.<Operation>
+        self._guard(event_name.rsplit(".", 1)[-1])
 
     def _count(self, operation: str, outcome: str, started: float) -> None:
         if self._metrics is not None:
