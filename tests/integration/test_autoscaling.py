@@ -86,15 +86,24 @@ async def test_join_ramp_grows_the_pool_ahead_and_drains_it_behind(tmp_path: Pat
         assert max(counts.values()) <= 10_000
         assert sum(counts.values()) == 500
         assert second_stage_at is not None and second_stage_at < SOFT, (
-            "Stage 2 was ordered before Stage 1 filled"
+            "Stage 2 was not ordered before Stage 1 filled"
         )
         assert len([s for s in states.values() if s == "LIVE"]) >= 500 // SOFT
         assert peak_overflow <= SOFT, f"peak overflow {peak_overflow}"
-        added = [data["stageArn"] for name, data in broadcaster.events if name == "stage-added"]
-        snapshot = [
-            t["stageArn"] for name, data in broadcaster.events if name == "snapshot" for t in data["tokens"]
-        ]
-        assert set(states) <= set(added) | set(snapshot), "every Stage reached the broadcaster with a token"
+
+        def given_tokens() -> set[str]:
+            added = {data["stageArn"] for name, data in broadcaster.events if name == "stage-added"}
+            return added | {
+                t["stageArn"]
+                for name, data in broadcaster.events
+                if name == "snapshot"
+                for t in data["tokens"]
+            }
+
+        # A Stage made at the end of the ramp is on its way to the broadcaster's event stream.
+        await eventually(
+            lambda: set(states) <= given_tokens(), what="every Stage to reach the broadcaster with a token"
+        )
         assert broadcaster.bad_tokens == []
         # Every Stage made during the show that went LIVE gave the autoscaler and the metric a sample.
         lead_samples = system.registries["stagemanager"].get_sample_value(
