@@ -104,10 +104,16 @@ async def viewer_heartbeat(request: web.Request) -> web.Response:
             allocator_pb2.RenewViewerRequest(room=parsed.room, user_id=parsed.user_id),
             timeout=settings.rpc_timeout_seconds,
         )
-    tier = "overflow" if renewed.tier == allocator_pb2.VIEWER_TIER_OVERFLOW else "realtime"
-    return json_response(
-        {"leaseSeconds": renewed.lease_seconds, "stageArn": renewed.stage_arn or None, "tier": tier}
-    )
+    overflow = renewed.tier == allocator_pb2.VIEWER_TIER_OVERFLOW
+    answer: dict[str, Any] = {
+        "leaseSeconds": renewed.lease_seconds,
+        "stageArn": renewed.stage_arn or None,
+        "tier": "overflow" if overflow else "realtime",
+    }
+    if overflow:
+        # A Stage seat is free: asking for a token again takes the viewer back to real time.
+        answer["realtimeAvailable"] = renewed.realtime_available
+    return json_response(answer)
 
 
 async def viewer_leave(request: web.Request) -> web.Response:

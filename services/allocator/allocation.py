@@ -71,6 +71,8 @@ class RenewedLease:
     lease_seconds: int
     stage_arn: str  # "" in the overflow tier
     tier: str
+    # Overflow tier: a Stage seat is free, so a new token request would take the viewer back to real time.
+    realtime_available: bool = False
 
 
 @dataclass(frozen=True)
@@ -257,8 +259,21 @@ class Allocator:
         if lease is not None:
             return RenewedLease(seconds, lease.stage_arn, REALTIME)
         if self._overflow is not None and await self._overflow.renew(room, user_id, seconds, now) is not None:
-            return RenewedLease(seconds, "", OVERFLOW)
+            return RenewedLease(seconds, "", OVERFLOW, await self._seat_free(room, now))
         raise NotFound("this viewer has no live lease; ask for a new token", code="lease_not_found")
+
+    async def _seat_free(self, room: str, now: float) -> bool:
+        """Whether a new viewer would get a Stage seat now: an eligible Stage below soft capacity (by
+        leases and by what the monitor saw), within the region's quota. Only a hint: the seat is taken
+        by whoever asks first."""
+        settings = self._settings
+        if await self._store.region_leases(now) >= settings.region_subscription_quota:
+            return False
+        counts = await self._store.counts(room, now)
+        return any(
+            max(counts.get(stage.arn, 0), self._observed.subscribers(stage.arn, now)) < settings.soft_capacity
+            for stage in self._inventory.eligible(room)
+        )
 
     async def release_viewer(self, room: str, user_id: str) -> bool:
         check_room_id(room)

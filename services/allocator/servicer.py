@@ -47,7 +47,10 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
     ) -> allocator_pb2.RenewViewerResponse:
         renewed = await self._allocator.renew_viewer(request.room, request.user_id)
         return allocator_pb2.RenewViewerResponse(
-            lease_seconds=renewed.lease_seconds, stage_arn=renewed.stage_arn, tier=_TIERS[renewed.tier]
+            lease_seconds=renewed.lease_seconds,
+            stage_arn=renewed.stage_arn,
+            tier=_TIERS[renewed.tier],
+            realtime_available=renewed.realtime_available,
         )
 
     async def ReleaseViewer(

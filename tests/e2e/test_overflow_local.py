@@ -4,8 +4,10 @@ it), a few seconds behind, instead of being turned away.
 
 One origin of two seats (no replicas, hard limit 2): the real-time ceiling is 2 viewers. The room goes
 live, its composition becomes ACTIVE, and four viewers open the watch page: the first two play on the
-Stage, the 3rd and 4th play the channel. The broadcast page counts 2 + 2. Ending the room stops the
-composition and deletes the channel, as boto3 sees them (the emulator and moto's `ivs` server).
+Stage, the 3rd and 4th play the channel. The broadcast page counts 2 + 2. When a real-time viewer
+leaves, an overflow viewer hears of the free seat on its heartbeat and moves to real time by itself.
+Ending the room stops the composition and deletes the channel, as boto3 sees them (the emulator and
+moto's `ivs` server).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def overflow_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
         FANOUT_STAGE_CAPACITY="2",
         FANOUT_STAGE_HARD_LIMIT="2",
         FANOUT_MIN_STAGES="1",
+        # Heartbeats every 5 s: how soon an overflow viewer hears that a Stage seat is free.
+        FANOUT_VIEWER_LEASE_SECONDS="15",
     ) as system:
         channels = boto3.client(
             "ivs",
@@ -135,6 +139,18 @@ def test_viewers_past_the_ceiling_watch_the_overflow_tier(
     # An overflow viewer who leaves frees its seat.
     navigate_away(viewers[3][1])
     eventually(lambda: room_info(system)["viewersByTier"]["overflow"] == 1, "the overflow viewer gone")
+
+    # A real-time viewer leaves: the remaining overflow viewer hears of the free seat on its next
+    # heartbeat and moves to real time on its own, playing on the Stage.
+    navigate_away(viewers[0][1])
+    moved = viewers[2][1]
+    moved.wait_for_function(
+        "window.fanoutWatch.tier === 'realtime' && window.fanoutWatch.stageArn", timeout=45_000
+    )
+    back = wait_until_playing(moved)
+    assert back["stageArn"] == realtime[0]["stageArn"]
+    expect(moved.locator("#tier-note")).to_be_hidden()
+    eventually(lambda: room_info(system)["viewersByTier"] == {"realtime": 2, "overflow": 0}, "2 + 0 viewers")
 
     # Ending the room stops the composition and deletes the channel.
     origin = next(s["stageArn"] for s in info["stages"] if s["role"] == "origin")

@@ -351,9 +351,12 @@ async def test_viewers_past_the_ceiling_get_the_overflow_tier_instead_of_a_refus
             heartbeat = await viewer_call(http, system, "/api/viewer/heartbeat", "v4")
             occupancy = await system.allocator.GetOccupancy(allocator_pb2.GetOccupancyRequest(room="main"))
 
-            # A real-time viewer leaves: an overflow viewer who asks again gets the freed seat.
+            # A real-time viewer leaves: overflow heartbeats say a seat is free, and an overflow viewer
+            # who asks again gets it.
             await viewer_call(http, system, "/api/viewer/leave", "v1")
+            offered = await viewer_call(http, system, "/api/viewer/heartbeat", "v4")
             status, promoted = await ask_token(http, system, "v3")
+            taken = await viewer_call(http, system, "/api/viewer/heartbeat", "v4")
             after_promotion = (await room_info(http, system))["viewersByTier"]
             await viewer_call(http, system, "/api/viewer/leave", "v4")
             after_leave = (await room_info(http, system))["viewersByTier"]
@@ -385,7 +388,11 @@ async def test_viewers_past_the_ceiling_get_the_overflow_tier_instead_of_a_refus
             "leaseSeconds": answers["v1"]["leaseSeconds"],
         }
     assert by_tier == {"realtime": 2, "overflow": 2}
-    assert heartbeat == {"leaseSeconds": answers["v4"]["leaseSeconds"], "stageArn": None, "tier": "overflow"}
+    lease = answers["v4"]["leaseSeconds"]
+    full = {"leaseSeconds": lease, "stageArn": None, "tier": "overflow", "realtimeAvailable": False}
+    assert heartbeat == full
+    assert offered == {**full, "realtimeAvailable": True}
+    assert taken == full
     [room] = occupancy.rooms
     assert (room.viewers, room.overflow_viewers) == (2, 2)
     assert status == 200 and promoted["tier"] == "realtime" and promoted["stageArn"], promoted

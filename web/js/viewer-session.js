@@ -216,7 +216,12 @@ export class ViewerSession {
     clearInterval(this.heartbeatTimer);
     this.heartbeatTimer = setInterval(async () => {
       try {
-        await sendHeartbeat(this.snapshot.room, this.snapshot.userId);
+        const answer = await sendHeartbeat(this.snapshot.room, this.snapshot.userId);
+        // In the overflow tier: a Stage seat freed up, so a new token takes the viewer back to real
+        // time (the allocator tries a Stage first; if someone took the seat, the overflow seat stays).
+        if (generation === this.generation && this.snapshot.tier === 'overflow' && answer && answer.realtimeAvailable) {
+          this.connect();
+        }
       } catch (error) {
         if (generation !== this.generation) return;
         // 404: the lease is gone (reaped or the Stage was removed); anything else is a blip.

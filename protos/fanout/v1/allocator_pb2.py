@@ -25,49 +25,49 @@ _sym_db = _symbol_database.Default()
 from protos.fanout.v1 import common_pb2 as protos_dot_fanout_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/fanout/v1/allocator.proto\x12\tfanout.v1\x1a\x1dprotos/fanout/v1/common.proto\"4\n\x13\x41ssignViewerRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\xc3\x01\n\x14\x41ssignViewerResponse\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12*\n\x05token\x18\x03 \x01(\x0b\x32\x1b.fanout.v1.ParticipantToken\x12\x15\n\rlease_seconds\x18\x04 \x01(\x05\x12\x0e\n\x06sticky\x18\x05 \x01(\x08\x12#\n\x04tier\x18\x06 \x01(\x0e\x32\x15.fanout.v1.ViewerTier\x12\x14\n\x0cplayback_url\x18\x07 \x01(\t\"3\n\x12RenewViewerRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"d\n\x13RenewViewerResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x05\x12\x11\n\tstage_arn\x18\x02 \x01(\t\x12#\n\x04tier\x18\x03 \x01(\x0e\x32\x15.fanout.v1.ViewerTier\"5\n\x14ReleaseViewerRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\")\n\x15ReleaseViewerResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"f\n\x1bIssuePublisherTokensRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x14\n\x0cmin_revision\x18\x03 \x01(\x04\x12\x12\n\nstage_arns\x18\x04 \x03(\t\"b\n\x0ePublisherToken\x12*\n\x05token\x18\x01 \x01(\x0b\x32\x1b.fanout.v1.ParticipantToken\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.fanout.v1.StageState\"W\n\x1cIssuePublisherTokensResponse\x12\x0c\n\x04room\x18\x01 \x01(\t\x12)\n\x06tokens\x18\x02 \x03(\x0b\x32\x19.fanout.v1.PublisherToken\"#\n\x13GetOccupancyRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"v\n\x0eStageOccupancy\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x11\n\tstage_arn\x18\x02 \x01(\t\x12\x0e\n\x06leased\x18\x03 \x01(\x05\x12\x10\n\x08observed\x18\x04 \x01(\x05\x12\x0f\n\x07viewers\x18\x05 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\x05\"\x86\x01\n\rRoomOccupancy\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07viewers\x18\x02 \x01(\x05\x12\x13\n\x0bjoins_total\x18\x03 \x01(\x03\x12\'\n\x07\x63\x65iling\x18\x04 \x01(\x0b\x32\x16.fanout.v1.RoomCeiling\x12\x18\n\x10overflow_viewers\x18\x05 \x01(\x05\"Z\n\x0bRoomCeiling\x12\x0f\n\x07viewers\x18\x01 \x01(\x05\x12\x0e\n\x06stages\x18\x02 \x01(\x05\x12\x15\n\rbinding_limit\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"^\n\x0fRegionOccupancy\x12\x15\n\rsubscriptions\x18\x01 \x01(\x05\x12\x1a\n\x12subscription_quota\x18\x02 \x01(\x05\x12\x18\n\x10stage_hard_limit\x18\x03 \x01(\x05\"\x96\x01\n\x14GetOccupancyResponse\x12)\n\x06stages\x18\x01 \x03(\x0b\x32\x19.fanout.v1.StageOccupancy\x12\'\n\x05rooms\x18\x02 \x03(\x0b\x32\x18.fanout.v1.RoomOccupancy\x12*\n\x06region\x18\x03 \x01(\x0b\x32\x1a.fanout.v1.RegionOccupancy\"Q\n\x1cReportObservedViewersRequest\x12\x31\n\x0cobservations\x18\x01 \x03(\x0b\x32\x1b.fanout.v1.StageObservation\"\x1f\n\x1dReportObservedViewersResponse*]\n\nViewerTier\x12\x1b\n\x17VIEWER_TIER_UNSPECIFIED\x10\x00\x12\x18\n\x14VIEWER_TIER_REALTIME\x10\x01\x12\x18\n\x14VIEWER_TIER_OVERFLOW\x10\x02\x32\xa4\x04\n\tAllocator\x12O\n\x0c\x41ssignViewer\x12\x1e.fanout.v1.AssignViewerRequest\x1a\x1f.fanout.v1.AssignViewerResponse\x12L\n\x0bRenewViewer\x12\x1d.fanout.v1.RenewViewerRequest\x1a\x1e.fanout.v1.RenewViewerResponse\x12R\n\rReleaseViewer\x12\x1f.fanout.v1.ReleaseViewerRequest\x1a .fanout.v1.ReleaseViewerResponse\x12g\n\x14IssuePublisherTokens\x12&.fanout.v1.IssuePublisherTokensRequest\x1a\'.fanout.v1.IssuePublisherTokensResponse\x12O\n\x0cGetOccupancy\x12\x1e.fanout.v1.GetOccupancyRequest\x1a\x1f.fanout.v1.GetOccupancyResponse\x12j\n\x15ReportObservedViewers\x12\'.fanout.v1.ReportObservedViewersRequest\x1a(.fanout.v1.ReportObservedViewersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/fanout/v1/allocator.proto\x12\tfanout.v1\x1a\x1dprotos/fanout/v1/common.proto\"4\n\x13\x41ssignViewerRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\xc3\x01\n\x14\x41ssignViewerResponse\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12*\n\x05token\x18\x03 \x01(\x0b\x32\x1b.fanout.v1.ParticipantToken\x12\x15\n\rlease_seconds\x18\x04 \x01(\x05\x12\x0e\n\x06sticky\x18\x05 \x01(\x08\x12#\n\x04tier\x18\x06 \x01(\x0e\x32\x15.fanout.v1.ViewerTier\x12\x14\n\x0cplayback_url\x18\x07 \x01(\t\"3\n\x12RenewViewerRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\x80\x01\n\x13RenewViewerResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x05\x12\x11\n\tstage_arn\x18\x02 \x01(\t\x12#\n\x04tier\x18\x03 \x01(\x0e\x32\x15.fanout.v1.ViewerTier\x12\x1a\n\x12realtime_available\x18\x04 \x01(\x08\"5\n\x14ReleaseViewerRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\")\n\x15ReleaseViewerResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"f\n\x1bIssuePublisherTokensRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x14\n\x0cmin_revision\x18\x03 \x01(\x04\x12\x12\n\nstage_arns\x18\x04 \x03(\t\"b\n\x0ePublisherToken\x12*\n\x05token\x18\x01 \x01(\x0b\x32\x1b.fanout.v1.ParticipantToken\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.fanout.v1.StageState\"W\n\x1cIssuePublisherTokensResponse\x12\x0c\n\x04room\x18\x01 \x01(\t\x12)\n\x06tokens\x18\x02 \x03(\x0b\x32\x19.fanout.v1.PublisherToken\"#\n\x13GetOccupancyRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"v\n\x0eStageOccupancy\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x11\n\tstage_arn\x18\x02 \x01(\t\x12\x0e\n\x06leased\x18\x03 \x01(\x05\x12\x10\n\x08observed\x18\x04 \x01(\x05\x12\x0f\n\x07viewers\x18\x05 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\x05\"\x86\x01\n\rRoomOccupancy\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07viewers\x18\x02 \x01(\x05\x12\x13\n\x0bjoins_total\x18\x03 \x01(\x03\x12\'\n\x07\x63\x65iling\x18\x04 \x01(\x0b\x32\x16.fanout.v1.RoomCeiling\x12\x18\n\x10overflow_viewers\x18\x05 \x01(\x05\"Z\n\x0bRoomCeiling\x12\x0f\n\x07viewers\x18\x01 \x01(\x05\x12\x0e\n\x06stages\x18\x02 \x01(\x05\x12\x15\n\rbinding_limit\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"^\n\x0fRegionOccupancy\x12\x15\n\rsubscriptions\x18\x01 \x01(\x05\x12\x1a\n\x12subscription_quota\x18\x02 \x01(\x05\x12\x18\n\x10stage_hard_limit\x18\x03 \x01(\x05\"\x96\x01\n\x14GetOccupancyResponse\x12)\n\x06stages\x18\x01 \x03(\x0b\x32\x19.fanout.v1.StageOccupancy\x12\'\n\x05rooms\x18\x02 \x03(\x0b\x32\x18.fanout.v1.RoomOccupancy\x12*\n\x06region\x18\x03 \x01(\x0b\x32\x1a.fanout.v1.RegionOccupancy\"Q\n\x1cReportObservedViewersRequest\x12\x31\n\x0cobservations\x18\x01 \x03(\x0b\x32\x1b.fanout.v1.StageObservation\"\x1f\n\x1dReportObservedViewersResponse*]\n\nViewerTier\x12\x1b\n\x17VIEWER_TIER_UNSPECIFIED\x10\x00\x12\x18\n\x14VIEWER_TIER_REALTIME\x10\x01\x12\x18\n\x14VIEWER_TIER_OVERFLOW\x10\x02\x32\xa4\x04\n\tAllocator\x12O\n\x0c\x41ssignViewer\x12\x1e.fanout.v1.AssignViewerRequest\x1a\x1f.fanout.v1.AssignViewerResponse\x12L\n\x0bRenewViewer\x12\x1d.fanout.v1.RenewViewerRequest\x1a\x1e.fanout.v1.RenewViewerResponse\x12R\n\rReleaseViewer\x12\x1f.fanout.v1.ReleaseViewerRequest\x1a .fanout.v1.ReleaseViewerResponse\x12g\n\x14IssuePublisherTokens\x12&.fanout.v1.IssuePublisherTokensRequest\x1a\'.fanout.v1.IssuePublisherTokensResponse\x12O\n\x0cGetOccupancy\x12\x1e.fanout.v1.GetOccupancyRequest\x1a\x1f.fanout.v1.GetOccupancyResponse\x12j\n\x15ReportObservedViewers\x12\'.fanout.v1.ReportObservedViewersRequest\x1a(.fanout.v1.ReportObservedViewersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.fanout.v1.allocator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VIEWERTIER']._serialized_start=1627
-  _globals['_VIEWERTIER']._serialized_end=1720
+  _globals['_VIEWERTIER']._serialized_start=1656
+  _globals['_VIEWERTIER']._serialized_end=1749
   _globals['_ASSIGNVIEWERREQUEST']._serialized_start=78
   _globals['_ASSIGNVIEWERREQUEST']._serialized_end=130
   _globals['_ASSIGNVIEWERRESPONSE']._serialized_start=133
   _globals['_ASSIGNVIEWERRESPONSE']._serialized_end=328
   _globals['_RENEWVIEWERREQUEST']._serialized_start=330
   _globals['_RENEWVIEWERREQUEST']._serialized_end=381
-  _globals['_RENEWVIEWERRESPONSE']._serialized_start=383
-  _globals['_RENEWVIEWERRESPONSE']._serialized_end=483
-  _globals['_RELEASEVIEWERREQUEST']._serialized_start=485
-  _globals['_RELEASEVIEWERREQUEST']._serialized_end=538
-  _globals['_RELEASEVIEWERRESPONSE']._serialized_start=540
-  _globals['_RELEASEVIEWERRESPONSE']._serialized_end=581
-  _globals['_ISSUEPUBLISHERTOKENSREQUEST']._serialized_start=583
-  _globals['_ISSUEPUBLISHERTOKENSREQUEST']._serialized_end=685
-  _globals['_PUBLISHERTOKEN']._serialized_start=687
-  _globals['_PUBLISHERTOKEN']._serialized_end=785
-  _globals['_ISSUEPUBLISHERTOKENSRESPONSE']._serialized_start=787
-  _globals['_ISSUEPUBLISHERTOKENSRESPONSE']._serialized_end=874
-  _globals['_GETOCCUPANCYREQUEST']._serialized_start=876
-  _globals['_GETOCCUPANCYREQUEST']._serialized_end=911
-  _globals['_STAGEOCCUPANCY']._serialized_start=913
-  _globals['_STAGEOCCUPANCY']._serialized_end=1031
-  _globals['_ROOMOCCUPANCY']._serialized_start=1034
-  _globals['_ROOMOCCUPANCY']._serialized_end=1168
-  _globals['_ROOMCEILING']._serialized_start=1170
-  _globals['_ROOMCEILING']._serialized_end=1260
-  _globals['_REGIONOCCUPANCY']._serialized_start=1262
-  _globals['_REGIONOCCUPANCY']._serialized_end=1356
-  _globals['_GETOCCUPANCYRESPONSE']._serialized_start=1359
-  _globals['_GETOCCUPANCYRESPONSE']._serialized_end=1509
-  _globals['_REPORTOBSERVEDVIEWERSREQUEST']._serialized_start=1511
-  _globals['_REPORTOBSERVEDVIEWERSREQUEST']._serialized_end=1592
-  _globals['_REPORTOBSERVEDVIEWERSRESPONSE']._serialized_start=1594
-  _globals['_REPORTOBSERVEDVIEWERSRESPONSE']._serialized_end=1625
-  _globals['_ALLOCATOR']._serialized_start=1723
-  _globals['_ALLOCATOR']._serialized_end=2271
+  _globals['_RENEWVIEWERRESPONSE']._serialized_start=384
+  _globals['_RENEWVIEWERRESPONSE']._serialized_end=512
+  _globals['_RELEASEVIEWERREQUEST']._serialized_start=514
+  _globals['_RELEASEVIEWERREQUEST']._serialized_end=567
+  _globals['_RELEASEVIEWERRESPONSE']._serialized_start=569
+  _globals['_RELEASEVIEWERRESPONSE']._serialized_end=610
+  _globals['_ISSUEPUBLISHERTOKENSREQUEST']._serialized_start=612
+  _globals['_ISSUEPUBLISHERTOKENSREQUEST']._serialized_end=714
+  _globals['_PUBLISHERTOKEN']._serialized_start=716
+  _globals['_PUBLISHERTOKEN']._serialized_end=814
+  _globals['_ISSUEPUBLISHERTOKENSRESPONSE']._serialized_start=816
+  _globals['_ISSUEPUBLISHERTOKENSRESPONSE']._serialized_end=903
+  _globals['_GETOCCUPANCYREQUEST']._serialized_start=905
+  _globals['_GETOCCUPANCYREQUEST']._serialized_end=940
+  _globals['_STAGEOCCUPANCY']._serialized_start=942
+  _globals['_STAGEOCCUPANCY']._serialized_end=1060
+  _globals['_ROOMOCCUPANCY']._serialized_start=1063
+  _globals['_ROOMOCCUPANCY']._serialized_end=1197
+  _globals['_ROOMCEILING']._serialized_start=1199
+  _globals['_ROOMCEILING']._serialized_end=1289
+  _globals['_REGIONOCCUPANCY']._serialized_start=1291
+  _globals['_REGIONOCCUPANCY']._serialized_end=1385
+  _globals['_GETOCCUPANCYRESPONSE']._serialized_start=1388
+  _globals['_GETOCCUPANCYRESPONSE']._serialized_end=1538
+  _globals['_REPORTOBSERVEDVIEWERSREQUEST']._serialized_start=1540
+  _globals['_REPORTOBSERVEDVIEWERSREQUEST']._serialized_end=1621
+  _globals['_REPORTOBSERVEDVIEWERSRESPONSE']._serialized_start=1623
+  _globals['_REPORTOBSERVEDVIEWERSRESPONSE']._serialized_end=1654
+  _globals['_ALLOCATOR']._serialized_start=1752
+  _globals['_ALLOCATOR']._serialized_end=2300
 # @@protoc_insertion_point(module_scope)

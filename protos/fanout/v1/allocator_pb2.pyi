@@ -135,20 +135,24 @@ class RenewViewerResponse(_message.Message):
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
     STAGE_ARN_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
+    REALTIME_AVAILABLE_FIELD_NUMBER: _builtins.int
     lease_seconds: _builtins.int
     stage_arn: _builtins.str
     """The Stage of a real-time lease; empty for the overflow tier."""
     tier: Global___ViewerTier.ValueType
+    realtime_available: _builtins.bool
+    """Overflow tier only: a Stage seat is free now, so asking for a token again would take it."""
     def __init__(
         self,
         *,
         lease_seconds: _builtins.int = ...,
         stage_arn: _builtins.str = ...,
         tier: Global___ViewerTier.ValueType = ...,
+        realtime_available: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "stage_arn", b"stage_arn", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "realtime_available", b"realtime_available", "stage_arn", b"stage_arn", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
