@@ -41,10 +41,13 @@ class AutoscalerSettings:
 
 @dataclass(frozen=True)
 class RoomLoad:
-    """What the allocator knows of a room: effective viewers per Stage and joins so far."""
+    """What the allocator knows of a room: effective viewers per Stage and joins so far, the room's
+    ceiling under the capacity plan (viewers; 0 when unknown) and its overflow tier's viewers."""
 
     viewers: Mapping[str, int]
     joins_total: int
+    ceiling: int = 0
+    overflow_viewers: int = 0
 
 
 class OccupancySource(Protocol):

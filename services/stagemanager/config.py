@@ -105,6 +105,8 @@ def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
         mode=env.choice("FANOUT_OVERFLOW", "auto", MODES),
         check_seconds=env.float("FANOUT_OVERFLOW_CHECK_SECONDS", 10.0, minimum=0.5, maximum=600.0),
         retry_seconds=env.float("FANOUT_OVERFLOW_RETRY_SECONDS", 60.0, minimum=1.0, maximum=3600.0),
+        start_at=env.float("FANOUT_OVERFLOW_START_AT", 0.0, minimum=0.0, maximum=1.0),
+        idle_seconds=env.float("FANOUT_OVERFLOW_IDLE_SECONDS", 600.0, minimum=1.0, maximum=86400.0),
     )
     channel_endpoint = env.str("FANOUT_IVS_CHANNEL_ENDPOINT", "", pattern=r"https?://[^\s]+") or None
     if channel_endpoint is None and ivs.mode == "local":

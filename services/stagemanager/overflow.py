@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from services.common.errors import FanoutError, NotFound, Unavailable
 from services.common.stage_tags import TAG_CLUSTER, TAG_ROLE, TAG_ROOM
@@ -38,12 +38,18 @@ from services.stagemanager.ivs import CompositionApi, IvsComposition, OverflowRe
 from services.stagemanager.model import EXISTING_STATES, RoomRecord, StageRecord
 
 if TYPE_CHECKING:
-    # Only for the type: metrics.py imports this module's states.
+    # Only for the types: metrics.py imports this module's states, the autoscaler the room manager.
+    from services.stagemanager.autoscaler import OccupancySource, RoomLoad
     from services.stagemanager.metrics import StageManagerMetrics
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class Attempt(Protocol):
+    async def __call__(self, what: str, call: Callable[[], Awaitable[T]], default: T | None = None) -> T: ...
+
 
 AUTO = "auto"
 OFF = "off"
@@ -76,6 +82,12 @@ class OverflowSettings:
     # At a room's end: how long to wait for its compositions to stop before deleting the channel anyway
     # (DeleteChannel refuses a live channel: it is retried until the channel is idle).
     stop_wait_seconds: float = 30.0
+    # When a live room gets its overflow tier: 0, as soon as it goes live; otherwise once its viewers
+    # reach this fraction of its ceiling (a composition takes seconds to start: before the ceiling).
+    start_at: float = 0.0
+    # With start_at > 0: a room below it with nobody in the overflow tier for this long has its
+    # composition stopped and its channel deleted (it gets new ones when it climbs again).
+    idle_seconds: float = 600.0
 
 
 class OverflowManager:
@@ -87,9 +99,14 @@ class OverflowManager:
         settings: OverflowSettings,
         cluster_id: str,
         metrics: StageManagerMetrics,
+        occupancy: OccupancySource | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._inventory = inventory
+        # The rooms' viewers and ceilings, for start_at > 0 (None: every live room gets the tier).
+        self._occupancy = occupancy
+        # Per room, with start_at > 0: since when it has had an overflow tier it does not need.
+        self._idle_since: dict[str, float] = {}
         self._channels = channels
         self._compositions = compositions
         self._settings = settings
@@ -139,9 +156,16 @@ class OverflowManager:
 
     async def run_pass(self) -> None:
         failed = False
+        demand = await self._demand()
         for room in self._inventory.rooms():
             try:
-                await self._check(room)
+                wanted = self._wanted(room, demand)
+                if wanted is False:
+                    await self._retire_when_idle(room)
+                    continue
+                self._idle_since.pop(room.room, None)
+                if wanted or _has_tier(room):
+                    await self._check(room)
             except FanoutError as error:
                 failed = True
                 self._not_before[room.room] = self._clock() + self._settings.error_retry_seconds
@@ -155,6 +179,52 @@ class OverflowManager:
             del self._not_before[room_id]
         for room_id in set(self._starting) - known:
             del self._starting[room_id]
+        for room_id in set(self._idle_since) - known:
+            del self._idle_since[room_id]
+
+    # --- when a room needs the tier (start_at > 0) ----------------------------------------------------
+
+    async def _demand(self) -> dict[str, RoomLoad] | None:
+        """The rooms' loads when the tier follows demand; None when every live room gets it, or while
+        the allocator does not answer (then nothing is started or retired on a guess)."""
+        if self._settings.start_at <= 0 or self._occupancy is None:
+            return None
+        try:
+            return await self._occupancy.fetch()
+        except FanoutError as error:
+            log.warning("overflow demand unknown: %s", error.message)
+            return None
+
+    def _wanted(self, room: RoomRecord, demand: dict[str, RoomLoad] | None) -> bool | None:
+        """True: the room needs its overflow tier; False: it does not; None: unknown (keep what is,
+        start nothing new) or no demand rule (every live room: True)."""
+        if self._settings.start_at <= 0:
+            return True
+        if demand is None:
+            return None
+        load = demand.get(room.room)
+        if load is None:
+            return False
+        viewers = sum(load.viewers.values())
+        return load.overflow_viewers > 0 or (
+            load.ceiling > 0 and viewers >= self._settings.start_at * load.ceiling
+        )
+
+    async def _retire_when_idle(self, room: RoomRecord) -> None:
+        """A tier the room has not needed for `idle_seconds` goes: composition stopped, channel deleted."""
+        if not _has_tier(room):
+            self._idle_since.pop(room.room, None)
+            return
+        now = self._clock()
+        since = self._idle_since.setdefault(room.room, now)
+        if now - since < self._settings.idle_seconds or room.ending:
+            return
+        async with self._lock(room.room):
+            if room.ending or self._inventory.room(room.room) is not room:
+                return
+            log.info("room %s: overflow tier not needed for %.0f s; removing it", room.room, now - since)
+            await self._teardown(room, self._once)
+        self._idle_since.pop(room.room, None)
 
     async def _check(self, room: RoomRecord) -> None:
         if room.ending or self._clock() < self._not_before.get(room.room, 0.0):
@@ -280,38 +350,39 @@ class OverflowManager:
         if not self.enabled and not room.overflow_channel_arn:
             return
         async with self._lock(room.room):
-            self._starting.pop(room.room, None)
-            tags = self._room_tags(room.room)
-            compositions = {room.overflow_composition_arn} - {""}
-            # Every origin, DELETING ones too: the ending marked them all before calling this.
-            for origin in room.origins():
-                if origin.arn:
-                    found: list[IvsComposition] = await self._until_done(
-                        f"ListCompositions of {origin.arn}",
-                        functools.partial(self._compositions.list_on_stage, origin.arn),
-                        default=[],
-                    )
-                    compositions |= {c.arn for c in found if c.running and _tagged(c.tags, tags)}
-            for arn in sorted(compositions):
-                await self._until_done(
-                    f"StopComposition {arn}", functools.partial(self._compositions.stop, arn)
+            await self._teardown(room, self._until_done)
+
+    async def _teardown(self, room: RoomRecord, attempt: Attempt) -> None:
+        """Stops the room's compositions and deletes its channel, each call made through `attempt`
+        (until IVS answers at a room's end; once, raising, when an idle tier is removed)."""
+        self._starting.pop(room.room, None)
+        tags = self._room_tags(room.room)
+        compositions = {room.overflow_composition_arn} - {""}
+        # Every origin, DELETING ones too: the ending marked them all before calling this.
+        for origin in room.origins():
+            if origin.arn:
+                found: list[IvsComposition] = await attempt(
+                    f"ListCompositions of {origin.arn}",
+                    functools.partial(self._compositions.list_on_stage, origin.arn),
+                    default=[],
                 )
-            if compositions:
-                self._set(room, state=STOPPING)
-                await self._wait_stopped(compositions)
-            channels = {room.overflow_channel_arn} - {""}
-            found_channels: list[IvsChannel] = await self._until_done(
-                "ListChannels",
-                lambda: self._channels.list_channels(tags, name=self._channel_name(room.room)),
-                default=[],
-            )
-            channels |= {c.arn for c in found_channels}
-            for arn in sorted(channels):
-                await self._until_done(
-                    f"DeleteChannel {arn}", functools.partial(self._channels.delete_channel, arn)
-                )
-                log.info("room %s: overflow channel %s deleted", room.room, arn)
-            self._set(room, state="", channel_arn="", playback_url="", composition_arn="", error="")
+                compositions |= {c.arn for c in found if c.running and _tagged(c.tags, tags)}
+        for arn in sorted(compositions):
+            await attempt(f"StopComposition {arn}", functools.partial(self._compositions.stop, arn))
+        if compositions:
+            self._set(room, state=STOPPING)
+            await self._wait_stopped(compositions)
+        channels = {room.overflow_channel_arn} - {""}
+        found_channels: list[IvsChannel] = await attempt(
+            "ListChannels",
+            lambda: self._channels.list_channels(tags, name=self._channel_name(room.room)),
+            default=[],
+        )
+        channels |= {c.arn for c in found_channels}
+        for arn in sorted(channels):
+            await attempt(f"DeleteChannel {arn}", functools.partial(self._channels.delete_channel, arn))
+            log.info("room %s: overflow channel %s deleted", room.room, arn)
+        self._set(room, state="", channel_arn="", playback_url="", composition_arn="", error="")
 
     async def _wait_stopped(self, arns: set[str]) -> None:
         deadline = self._clock() + self._settings.stop_wait_seconds
@@ -327,6 +398,11 @@ class OverflowManager:
                     log.warning("GetComposition %s failed: %s", arn, error.message)
             if waiting:
                 await asyncio.sleep(self._settings.poll_seconds)
+
+    @staticmethod
+    async def _once(what: str, call: Callable[[], Awaitable[T]], default: T | None = None) -> T:
+        """One attempt: an error goes to the caller (the next pass tries again)."""
+        return await call()
 
     async def _until_done(self, what: str, call: Callable[[], Awaitable[T]], default: T | None = None) -> T:
         """Retries `call` until IVS answers; a refusal (no permission, say) is logged and gives `default`."""
@@ -408,6 +484,11 @@ class OverflowManager:
 
 def _tagged(tags: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
     return all(tags.get(k) == v for k, v in wanted.items())
+
+
+def _has_tier(room: RoomRecord) -> bool:
+    """The room has an overflow channel or composition (in any state) to keep up or to remove."""
+    return bool(room.overflow_state or room.overflow_channel_arn or room.overflow_composition_arn)
 
 
 def _composing(room: RoomRecord) -> bool:

@@ -113,6 +113,9 @@ async def start_stage_manager(
     # The `ivs` service (the overflow tier's channels) has its own quotas, and the same fence.
     channel_caller = IvsCaller(channel_client, CallBudget(CHANNEL_OPERATION_RATES), ivs_metrics, guard=guard)
     inventory = Inventory()
+    occupancy = AllocatorOccupancy(allocator_pb2_grpc.AllocatorStub(allocator_channel))
+    # The overflow tier and the webhooks poll less often than the autoscaler: its answer does for them.
+    recent_occupancy = occupancy.recent(max_age=2.0)
     overflow = OverflowManager(
         inventory,
         ChannelApi(channel_caller, settings.playback_url_template),
@@ -120,12 +123,12 @@ async def start_stage_manager(
         settings.overflow,
         settings.rooms.cluster_id,
         metrics,
+        occupancy=recent_occupancy,
     )
     rooms = RoomManager(inventory, StageApi(caller), settings.rooms, metrics, overflow=overflow)
     replicator = Replicator(rooms, inventory, ReplicationApi(caller), settings.rooms, metrics)
     route = LeaderRoute(leadership, inventory, lease)
     servicer = StageManagerServicer(rooms, inventory, route)
-    occupancy = AllocatorOccupancy(allocator_pb2_grpc.AllocatorStub(allocator_channel))
     autoscaler = Autoscaler(rooms, inventory, occupancy, settings.autoscaler, metrics)
 
     def register(server: grpc.aio.Server) -> None:
@@ -144,7 +147,7 @@ async def start_stage_manager(
             asyncio.create_task(autoscaler.run()),
             asyncio.create_task(replicator.run()),
             asyncio.create_task(overflow.run()),
-            *start_webhooks(settings.webhooks, inventory, occupancy, settings.rooms.limits, registry),
+            *start_webhooks(settings.webhooks, inventory, recent_occupancy, settings.rooms.limits, registry),
         ]
 
     service.tasks.append(

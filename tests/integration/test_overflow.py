@@ -415,3 +415,44 @@ async def test_with_overflow_off_a_viewer_past_the_ceiling_is_refused(tmp_path: 
     assert status == 503 and refused["error"]["code"] == "capacity_exhausted", refused
     assert "FANOUT_REPLICAS_PER_ORIGIN" in refused["error"]["message"]
     assert info["overflow"] is None and info["viewersByTier"] == {"realtime": 2, "overflow": 0}
+
+
+async def test_with_start_at_the_tier_follows_demand_and_goes_when_idle(tmp_path: Path) -> None:
+    """FANOUT_OVERFLOW_START_AT=0.5 of a 2-viewer ceiling: the first viewer brings the tier; once
+    nobody needs it for FANOUT_OVERFLOW_IDLE_SECONDS, its composition stops and its channel goes."""
+    settings = {**TWO_SEATS, "FANOUT_OVERFLOW_START_AT": "0.5", "FANOUT_OVERFLOW_IDLE_SECONDS": "2"}
+    with running_channel_api() as channels:
+        async with (
+            running_system(tmp_path, FANOUT_IVS_CHANNEL_ENDPOINT=channels.endpoint, **settings) as system,
+            aiohttp.ClientSession() as http,
+        ):
+            origin, publisher = await go_live(http, system)
+            live = await room_info(http, system)
+            before = await channels.channels("test")
+
+            status, _ = await ask_token(http, system, "v1")
+            assert status == 200
+            first = await eventually(
+                lambda: _overflow_state(http, system, "ACTIVE"), what="the tier started on demand", within=15
+            )
+            made = await channels.channels("test")
+
+            await viewer_call(http, system, "/api/viewer/leave", "v1")
+
+            async def removed() -> bool:
+                info = await room_info(http, system)
+                return info["overflow"] is None and not await channels.channels("test")
+
+            await eventually(removed, what="the idle tier's channel deleted", within=30)
+            compositions = await compositions_on(system.ivs, origin)
+
+            status, _ = await ask_token(http, system, "v2")
+            again = await eventually(
+                lambda: _overflow_state(http, system, "ACTIVE"), what="the tier back on demand", within=15
+            )
+            await publisher.leave()
+
+    assert live["overflow"] is None and before == []
+    assert [c["arn"] for c in made] and first["playbackUrl"]
+    assert all(c["state"] in ("STOPPING", "STOPPED") for c in compositions), compositions
+    assert status == 200 and again["playbackUrl"] and again["playbackUrl"] != first["playbackUrl"]
