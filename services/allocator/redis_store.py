@@ -39,13 +39,12 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
 from services.allocator.placement import Candidate
 from services.allocator.store import Assignment, Lease
 from services.allocator.store_guard import GuardedLeaseStore
+from services.common.redis_clients import open_redis
 from services.common.timeouts import STORE_CALL_SECONDS, STORE_PROBE_SECONDS
 
 log = logging.getLogger(__name__)
@@ -399,20 +398,9 @@ class RedisLeaseStore:
 def open_redis_client(
     url: str, max_connections: int = MAX_CONNECTIONS, timeout: float = STORE_CALL_SECONDS
 ) -> redis.Redis:
-    """A client whose requests wait for a free connection rather than fail in a burst; in the
-    allocator no wait (for a connection, a connect or an answer) outlasts one store call's deadline."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout,
-        # A pooled connection that died with a restarted Redis fails its first command at once: it is
-        # tried once more on a new connection, so the first viewer after an outage is not refused.
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-    )
-    return redis.Redis.from_pool(pool)
+    """In the allocator no wait (for a connection, a connect or an answer) outlasts one store call's
+    deadline."""
+    return open_redis(url, timeout, max_connections)
 
 
 def open_redis_store(url: str, namespace: str) -> GuardedLeaseStore:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
-import redis.asyncio as redis
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
@@ -23,6 +22,7 @@ from services.common.grpc_server import GrpcServer, GrpcServerMetrics, start_grp
 from services.common.ivs_calls import CallBudget, IvsCaller, IvsMetrics
 from services.common.ivs_quotas import CHANNEL_OPERATION_RATES
 from services.common.lifecycle import cancel_and_wait
+from services.common.redis_clients import open_redis
 from services.common.timeouts import STORE_CALL_SECONDS
 from services.stagemanager import shared_inventory
 from services.stagemanager.autoscaler import Autoscaler
@@ -94,11 +94,7 @@ async def start_stage_manager(
     client = None
     leadership: Leadership = SoleReplica()
     if settings.shared is not None:
-        client = redis.Redis.from_url(
-            settings.shared.redis_url,
-            socket_timeout=STORE_CALL_SECONDS,
-            socket_connect_timeout=STORE_CALL_SECONDS,
-        )
+        client = open_redis(settings.shared.redis_url, STORE_CALL_SECONDS)
         lease = LeaderLease(
             client,
             namespace(settings.rooms.cluster_id),

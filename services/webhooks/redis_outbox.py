@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import redis.asyncio as redis
 
 from services.common.errors import Unavailable
+from services.common.redis_clients import open_redis
 from services.webhooks.events import WebhookEvent
 from services.webhooks.outbox import ROOM_STATE_TTL_SECONDS, Backlog, Delivery, Transition
 
@@ -203,9 +204,7 @@ class RedisOutbox:
 
 
 def open_redis_outbox(url: str, namespace: str, endpoints: Sequence[str]) -> RedisOutbox:
-    client = redis.Redis.from_url(
-        url, socket_timeout=REDIS_CALL_SECONDS, socket_connect_timeout=REDIS_CALL_SECONDS
-    )
+    client = open_redis(url, REDIS_CALL_SECONDS)
     return RedisOutbox(client, namespace, endpoints)
 
 
