@@ -15,7 +15,6 @@ a slot):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -23,6 +22,7 @@ from typing import Any, TypeVar
 import redis.asyncio as redis
 
 from services.common.errors import Unavailable
+from services.common.lifecycle import raise_if_cancelled
 from services.common.redis_clients import open_redis
 from services.webhooks.events import WebhookEvent
 from services.webhooks.outbox import ROOM_STATE_TTL_SECONDS, Backlog, Delivery, Transition
@@ -195,12 +195,8 @@ class RedisOutbox:
         except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as error:
             raise Unavailable(f"webhook outbox (Redis) unavailable: {type(error).__name__}") from None
         finally:
-            # redis-py's asyncio client can answer (or fail) as if nothing happened although the task
-            # was cancelled meanwhile (seen with 8.1.0; redis-py issue #2028): without this, a
-            # stopped dispatcher would loop on forever.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+            # Without this, a stopped dispatcher would loop on forever (see raise_if_cancelled).
+            raise_if_cancelled()
 
 
 def open_redis_outbox(url: str, namespace: str, endpoints: Sequence[str]) -> RedisOutbox:
