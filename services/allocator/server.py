@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
-from protos.fanout.v1 import allocator_pb2, allocator_pb2_grpc, stagemanager_pb2_grpc
+from protos.fanout.v1 import allocator_pb2_grpc, stagemanager_pb2_grpc
 from services.allocator.allocation import Allocator
 from services.allocator.config import AllocatorSettings
 from services.allocator.inventory import StageInventory
@@ -18,7 +18,7 @@ from services.allocator.ivs import IvsTokenApi
 from services.allocator.metrics import AllocatorMetrics
 from services.allocator.overflow_seats import OVERFLOW_SEAT, OverflowSeats
 from services.allocator.redis_store import open_redis_store
-from services.allocator.servicer import AllocatorServicer
+from services.allocator.servicer import SERVICE_NAME, AllocatorServicer
 from services.allocator.signing_key import load_or_create_private_key, load_private_key
 from services.allocator.store import LeaseStore, MemoryLeaseStore
 from services.allocator.store_guard import GuardedLeaseStore
@@ -32,7 +32,6 @@ from services.common.lifecycle import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = allocator_pb2.DESCRIPTOR.services_by_name["Allocator"].full_name
 REAP_INTERVAL_SECONDS = 1.0
 
 
@@ -112,12 +111,12 @@ async def start_allocator(
         stagemanager_pb2_grpc.StageManagerStub(stagemanager_channel), inventory, allocator
     )
 
-    def register(server: grpc.aio.Server) -> None:
-        allocator_pb2_grpc.add_AllocatorServicer_to_server(AllocatorServicer(allocator), server)
+    grpc_metrics = GrpcServerMetrics(registry)
 
-    server = await start_grpc_server(
-        settings.listen, register, [SERVICE_NAME], GrpcServerMetrics(registry), serving=False
-    )
+    def register(server: grpc.aio.Server) -> None:
+        allocator_pb2_grpc.add_AllocatorServicer_to_server(AllocatorServicer(allocator, grpc_metrics), server)
+
+    server = await start_grpc_server(settings.listen, register, [SERVICE_NAME], grpc_metrics, serving=False)
     tasks = [
         asyncio.create_task(watcher.run()),
         asyncio.create_task(_serve_when_ready(watcher, server, store, metrics)),

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos.fanout.v1 import allocator_pb2, allocator_pb2_grpc, common_pb2
-from services.allocator.allocation import OVERFLOW, REALTIME, Allocator, StageViewersObservation
+from services.allocator.allocation import (
+    OVERFLOW,
+    REALTIME,
+    Allocator,
+    StageViewersObservation,
+    ViewerPlacement,
+)
 from services.allocator.tokens import IssuedToken
+from services.common.grpc_server import GrpcServerMetrics, RequestFailure, answer_each
+
+SERVICE_NAME = allocator_pb2.DESCRIPTOR.services_by_name["Allocator"].full_name
+# Viewers one AssignViewers stream places at once; past it the stream reads no further request
+# until one is answered (HTTP/2 flow control then holds the sender back).
+MAX_CONCURRENT_ASSIGNMENTS = 256
 
 
 def token_to_proto(token: IssuedToken) -> common_pb2.ParticipantToken:
@@ -24,23 +38,66 @@ def token_to_proto(token: IssuedToken) -> common_pb2.ParticipantToken:
 _TIERS = {REALTIME: allocator_pb2.VIEWER_TIER_REALTIME, OVERFLOW: allocator_pb2.VIEWER_TIER_OVERFLOW}
 
 
+def placement_to_proto(placement: ViewerPlacement) -> allocator_pb2.AssignViewerResponse:
+    return allocator_pb2.AssignViewerResponse(
+        room=placement.room,
+        user_id=placement.user_id,
+        token=token_to_proto(placement.token) if placement.token is not None else None,
+        lease_seconds=placement.lease_seconds,
+        sticky=placement.sticky,
+        tier=_TIERS[placement.tier],
+        playback_url=placement.playback_url,
+    )
+
+
+def failure_to_proto(
+    request: allocator_pb2.IdentifiedAssignViewerRequest, failure: RequestFailure
+) -> allocator_pb2.AssignViewerResult:
+    return allocator_pb2.AssignViewerResult(
+        id=request.id,
+        error=allocator_pb2.RequestError(
+            status_code=failure.status.value[0],
+            message=failure.message,
+            error_code=failure.error_code,
+            retry_after_seconds=failure.retry_after,
+        ),
+    )
+
+
 class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
-    def __init__(self, allocator: Allocator) -> None:
+    def __init__(self, allocator: Allocator, metrics: GrpcServerMetrics | None = None) -> None:
         self._allocator = allocator
+        self._metrics = metrics
 
     async def AssignViewer(
         self, request: allocator_pb2.AssignViewerRequest, context: grpc.aio.ServicerContext
     ) -> allocator_pb2.AssignViewerResponse:
         placement = await self._allocator.assign_viewer(request.room, request.user_id)
-        return allocator_pb2.AssignViewerResponse(
-            room=placement.room,
-            user_id=placement.user_id,
-            token=token_to_proto(placement.token) if placement.token is not None else None,
-            lease_seconds=placement.lease_seconds,
-            sticky=placement.sticky,
-            tier=_TIERS[placement.tier],
-            playback_url=placement.playback_url,
-        )
+        return placement_to_proto(placement)
+
+    async def AssignViewers(
+        self,
+        request_iterator: AsyncIterator[allocator_pb2.AssignViewersRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[allocator_pb2.AssignViewersResponse]:
+        batches = (message.requests async for message in request_iterator)
+        async for results in answer_each(
+            batches,
+            self._assign_one,
+            failure_to_proto,
+            limit=MAX_CONCURRENT_ASSIGNMENTS,
+            metrics=self._metrics,
+            service=SERVICE_NAME,
+            # Counted as the unary calls they replace, so a dashboard sees every assignment either way.
+            method="AssignViewer",
+        ):
+            yield allocator_pb2.AssignViewersResponse(results=results)
+
+    async def _assign_one(
+        self, request: allocator_pb2.IdentifiedAssignViewerRequest
+    ) -> allocator_pb2.AssignViewerResult:
+        placement = await self._allocator.assign_viewer(request.request.room, request.request.user_id)
+        return allocator_pb2.AssignViewerResult(id=request.id, response=placement_to_proto(placement))
 
     async def RenewViewer(
         self, request: allocator_pb2.RenewViewerRequest, context: grpc.aio.ServicerContext

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +17,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from services.common.errors import ERROR_CODE_METADATA, RETRY_AFTER_METADATA, ErrorKind, FanoutError
 
 log = logging.getLogger(__name__)
+
+RequestT = TypeVar("RequestT")
+AnswerT = TypeVar("AnswerT")
 
 _STATUS_BY_KIND = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -51,11 +54,16 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
+def status_for(error: FanoutError) -> grpc.StatusCode:
+    """The status a call that raised `error` ends with (also each failed request of a multiplexed stream)."""
+    return _STATUS_BY_KIND[error.kind]
+
+
 async def _abort_for(context: grpc.aio.ServicerContext, error: FanoutError) -> None:
     metadata: list[tuple[str, str]] = [(ERROR_CODE_METADATA, error.code)]
     if error.retry_after is not None:
         metadata.append((RETRY_AFTER_METADATA, str(error.retry_after)))
-    await context.abort(_STATUS_BY_KIND[error.kind], error.message, trailing_metadata=tuple(metadata))
+    await context.abort(status_for(error), error.message, trailing_metadata=tuple(metadata))
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -77,6 +85,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, service, method))
         if handler.unary_stream is not None:
             return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, service, method))
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, service, method))
         return handler
 
     def _record(self, service: str, method: str, code: grpc.StatusCode, started: float | None) -> None:
@@ -133,6 +143,96 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     def _record_first(self, service: str, method: str, started: float) -> None:
         if self._metrics is not None:
             self._metrics.latency.labels(service, method).observe(time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class RequestFailure:
+    """How a unary call would have ended: its status, details and error metadata."""
+
+    status: grpc.StatusCode
+    message: str
+    error_code: str = ""
+    retry_after: int | None = None
+
+
+async def answer_each(
+    batches: AsyncIterator[Iterable[RequestT]],
+    handle: Callable[[RequestT], Awaitable[AnswerT]],
+    failed: Callable[[RequestT, RequestFailure], AnswerT],
+    *,
+    limit: int,
+    metrics: GrpcServerMetrics | None,
+    service: str,
+    method: str,
+) -> AsyncIterator[list[AnswerT]]:
+    """Many unary requests over one stream, arriving in batches: each handled in a task of its own (at
+    most `limit` at once, then reading waits), and the answers ready at the same time yielded together
+    as soon as they are. A request that fails gets `failed(request, ...)` with what the interceptor
+    would have ended its unary call with, and the stream goes on; `metrics` counts each request as a
+    call of `method`."""
+    answers: asyncio.Queue[AnswerT | None] = asyncio.Queue()
+    # Taken when a request is read, given back when its answer is yielded: bounds tasks and queue.
+    slots = asyncio.Semaphore(limit)
+    handling: set[asyncio.Task[None]] = set()
+
+    def record(code: grpc.StatusCode, started: float) -> None:
+        if metrics is not None:
+            metrics.handled.labels(service, method, code.name).inc()
+            metrics.latency.labels(service, method).observe(time.perf_counter() - started)
+
+    async def answer(request: RequestT) -> None:
+        started = time.perf_counter()
+        try:
+            result = await handle(request)
+        except FanoutError as error:
+            status = status_for(error)
+            record(status, started)
+            result = failed(request, RequestFailure(status, error.message, error.code, error.retry_after))
+        except Exception:
+            log.exception("unexpected error in %s/%s", service, method)
+            record(grpc.StatusCode.INTERNAL, started)
+            result = failed(request, RequestFailure(grpc.StatusCode.INTERNAL, "internal error"))
+        else:
+            record(grpc.StatusCode.OK, started)
+        answers.put_nowait(result)
+
+    async def read() -> None:
+        try:
+            async for batch in batches:
+                for request in batch:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    handling.add(task)
+                    task.add_done_callback(handling.discard)
+            # The caller closed its side: the stream ends once every request read is answered.
+            await asyncio.gather(*handling)
+        finally:
+            answers.put_nowait(None)
+
+    reader = asyncio.create_task(read())
+    try:
+        ended = False
+        while not ended:
+            ready: list[AnswerT] = []
+            result = await answers.get()
+            while True:
+                if result is None:
+                    ended = True
+                    break
+                ready.append(result)
+                if answers.empty():
+                    break
+                result = answers.get_nowait()
+            if ready:
+                for _ in ready:
+                    slots.release()
+                yield ready
+        await reader  # a failed read ends the stream with its error
+    finally:
+        reader.cancel()
+        for task in handling:
+            task.cancel()
+        await asyncio.gather(reader, *handling, return_exceptions=True)
 
 
 @dataclass

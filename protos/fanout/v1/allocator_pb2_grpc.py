@@ -39,6 +39,11 @@ class AllocatorStub:
                 request_serializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.AssignViewerRequest.SerializeToString,
                 response_deserializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.AssignViewerResponse.FromString,
                 _registered_method=True)
+        self.AssignViewers = channel.stream_stream(
+                '/fanout.v1.Allocator/AssignViewers',
+                request_serializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.AssignViewersRequest.SerializeToString,
+                response_deserializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.AssignViewersResponse.FromString,
+                _registered_method=True)
         self.RenewViewer = channel.unary_unary(
                 '/fanout.v1.Allocator/RenewViewer',
                 request_serializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.RenewViewerRequest.SerializeToString,
@@ -74,6 +79,17 @@ class AllocatorServicer:
         returns a subscribe-only token. Past the room's ceiling, a seat in the room's overflow tier
         (its playback URL) when the room has one. RESOURCE_EXHAUSTED when no Stage can take the viewer
         and there is no overflow tier; NOT_FOUND when the room does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AssignViewers(self, request_iterator, context):
+        """AssignViewer for many requests over one long-lived stream, the gateway's hot path: a call per
+        token costs more CPU than the token's signature. A message carries the requests ready to go
+        together, each with an id its sender chooses; an answer message carries the answers ready
+        together, each with its request's id, in the order they are ready. A request that fails gets the
+        status, message and error metadata AssignViewer would end its call with; the stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,6 +138,11 @@ def add_AllocatorServicer_to_server(servicer, server):
                     servicer.AssignViewer,
                     request_deserializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.AssignViewerRequest.FromString,
                     response_serializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.AssignViewerResponse.SerializeToString,
+            ),
+            'AssignViewers': grpc.stream_stream_rpc_method_handler(
+                    servicer.AssignViewers,
+                    request_deserializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.AssignViewersRequest.FromString,
+                    response_serializer=protos_dot_fanout_dot_v1_dot_allocator__pb2.AssignViewersResponse.SerializeToString,
             ),
             'RenewViewer': grpc.unary_unary_rpc_method_handler(
                     servicer.RenewViewer,
@@ -176,6 +197,33 @@ class Allocator:
             '/fanout.v1.Allocator/AssignViewer',
             protos_dot_fanout_dot_v1_dot_allocator__pb2.AssignViewerRequest.SerializeToString,
             protos_dot_fanout_dot_v1_dot_allocator__pb2.AssignViewerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AssignViewers(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fanout.v1.Allocator/AssignViewers',
+            protos_dot_fanout_dot_v1_dot_allocator__pb2.AssignViewersRequest.SerializeToString,
+            protos_dot_fanout_dot_v1_dot_allocator__pb2.AssignViewersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,13 @@ class AllocatorStub:
     (its playback URL) when the room has one. RESOURCE_EXHAUSTED when no Stage can take the viewer
     and there is no overflow tier; NOT_FOUND when the room does not exist.
     """
+    AssignViewers: _grpc.StreamStreamMultiCallable[_allocator_pb2.AssignViewersRequest, _allocator_pb2.AssignViewersResponse]
+    """AssignViewer for many requests over one long-lived stream, the gateway's hot path: a call per
+    token costs more CPU than the token's signature. A message carries the requests ready to go
+    together, each with an id its sender chooses; an answer message carries the answers ready
+    together, each with its request's id, in the order they are ready. A request that fails gets the
+    status, message and error metadata AssignViewer would end its call with; the stream goes on.
+    """
     RenewViewer: _grpc.UnaryUnaryMultiCallable[_allocator_pb2.RenewViewerRequest, _allocator_pb2.RenewViewerResponse]
     """Extends a live lease. NOT_FOUND when the viewer has none."""
     ReleaseViewer: _grpc.UnaryUnaryMultiCallable[_allocator_pb2.ReleaseViewerRequest, _allocator_pb2.ReleaseViewerResponse]
@@ -58,6 +65,13 @@ class AllocatorAsyncStub(AllocatorStub):
     returns a subscribe-only token. Past the room's ceiling, a seat in the room's overflow tier
     (its playback URL) when the room has one. RESOURCE_EXHAUSTED when no Stage can take the viewer
     and there is no overflow tier; NOT_FOUND when the room does not exist.
+    """
+    AssignViewers: _aio.StreamStreamMultiCallable[_allocator_pb2.AssignViewersRequest, _allocator_pb2.AssignViewersResponse]  # type: ignore[assignment]
+    """AssignViewer for many requests over one long-lived stream, the gateway's hot path: a call per
+    token costs more CPU than the token's signature. A message carries the requests ready to go
+    together, each with an id its sender chooses; an answer message carries the answers ready
+    together, each with its request's id, in the order they are ready. A request that fails gets the
+    status, message and error metadata AssignViewer would end its call with; the stream goes on.
     """
     RenewViewer: _aio.UnaryUnaryMultiCallable[_allocator_pb2.RenewViewerRequest, _allocator_pb2.RenewViewerResponse]  # type: ignore[assignment]
     """Extends a live lease. NOT_FOUND when the viewer has none."""
@@ -83,6 +97,19 @@ class AllocatorServicer(metaclass=_abc_1.ABCMeta):
         returns a subscribe-only token. Past the room's ceiling, a seat in the room's overflow tier
         (its playback URL) when the room has one. RESOURCE_EXHAUSTED when no Stage can take the viewer
         and there is no overflow tier; NOT_FOUND when the room does not exist.
+        """
+
+    @_abc_1.abstractmethod
+    def AssignViewers(
+        self,
+        request_iterator: _MaybeAsyncIterator[_allocator_pb2.AssignViewersRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_allocator_pb2.AssignViewersResponse], _abc.AsyncIterator[_allocator_pb2.AssignViewersResponse]]:
+        """AssignViewer for many requests over one long-lived stream, the gateway's hot path: a call per
+        token costs more CPU than the token's signature. A message carries the requests ready to go
+        together, each with an id its sender chooses; an answer message carries the answers ready
+        together, each with its request's id, in the order they are ready. A request that fails gets the
+        status, message and error metadata AssignViewer would end its call with; the stream goes on.
         """
 
     @_abc_1.abstractmethod
