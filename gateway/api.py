@@ -63,9 +63,8 @@ async def viewer_token(request: web.Request) -> web.Response:
     parsed = validation.parse_viewer_token(body, settings.default_room)
     try:
         async with calling("allocator", "AssignViewer"):
-            assigned = await clients.allocator.AssignViewer(
-                allocator_pb2.AssignViewerRequest(room=parsed.room, user_id=parsed.user_id),
-                timeout=settings.rpc_timeout_seconds,
+            assigned = await clients.viewer_assignments.assign_viewer(
+                allocator_pb2.AssignViewerRequest(room=parsed.room, user_id=parsed.user_id)
             )
     except UpstreamError as exc:
         metrics.viewer_assignments.labels(_REFUSALS.get(exc.error.code(), "error")).inc()

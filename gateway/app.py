@@ -71,12 +71,16 @@ async def _grpc_clients(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     allocator_channel = grpc.aio.insecure_channel(settings.allocator_addr, options=_CHANNEL_OPTIONS)
     stagemanager_channel = grpc.aio.insecure_channel(settings.stagemanager_addr, options=_CHANNEL_OPTIONS)
-    app[CLIENTS] = GatewayClients.from_channels(allocator_channel, stagemanager_channel)
+    clients = GatewayClients.from_channels(
+        allocator_channel, stagemanager_channel, settings.rpc_timeout_seconds
+    )
+    app[CLIENTS] = clients
     log.info(
         "gateway uses allocator %s and stage manager %s", settings.allocator_addr, settings.stagemanager_addr
     )
     try:
         yield
     finally:
+        await clients.viewer_assignments.close()
         await allocator_channel.close()
         await stagemanager_channel.close()
