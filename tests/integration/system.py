@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -167,6 +168,23 @@ async def wait_until_serving(port: int) -> None:
         await eventually(serving, what=f"the service on port {port} to serve", within=30)
 
 
+async def start_gateway(
+    env: Mapping[str, str], allocator_addr: str, stagemanager_port: int, registry: CollectorRegistry
+) -> tuple[web.AppRunner, str]:
+    """The gateway on a free port, as its composition root builds it; its runner and base URL."""
+    settings = GatewaySettings.from_env(
+        {
+            **env,
+            "FANOUT_GATEWAY_PORT": "0",
+            "FANOUT_ALLOCATOR_ADDR": allocator_addr,
+            "FANOUT_STAGEMANAGER_ADDR": f"127.0.0.1:{stagemanager_port}",
+        }
+    )
+    runner = await start_http_server(create_app(settings, registry=registry), settings)
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}"
+
+
 def _close_on_cancel(channel: grpc.aio.Channel) -> Any:
     async def wait_then_close() -> None:
         try:
@@ -200,24 +218,15 @@ async def running_system(
         # Whole only once the stage manager reaches the allocator: until then its autoscaler is blind
         # (no occupancy), and a test's first joins would meet a pool that cannot grow.
         await asyncio.wait_for(to_allocator.channel_ready(), 30)
-        gateway_settings = GatewaySettings.from_env(
-            {
-                **env,
-                "FANOUT_GATEWAY_PORT": "0",
-                "FANOUT_ALLOCATOR_ADDR": f"127.0.0.1:{allocator.port}",
-                "FANOUT_STAGEMANAGER_ADDR": f"127.0.0.1:{stagemanager.port}",
-            }
+        runner, gateway_url = await start_gateway(
+            env, f"127.0.0.1:{allocator.port}", stagemanager.port, registries["gateway"]
         )
-        runner = await start_http_server(
-            create_app(gateway_settings, registry=registries["gateway"]), gateway_settings
-        )
-        host, port = runner.addresses[0][:2]
         system = System(
             ivs=ivs,
             env=env,
             stagemanager_service=stagemanager,
             allocator_service=allocator,
-            gateway_url=f"http://{host}:{port}",
+            gateway_url=gateway_url,
             publisher_key=PUBLISHER_KEY,
             registries=registries,
         )
