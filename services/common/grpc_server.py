@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -120,11 +121,16 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started: float | None = time.perf_counter()
             try:
-                async for message in behaviour(request, context):
-                    if started is not None:
-                        self._record_first(service, method, started)
-                        started = None
-                    yield message
+                responses = behaviour(request, context)
+                if inspect.isawaitable(responses):
+                    # A handler that answers with context.write() (grpc's health Watch) is a coroutine.
+                    await responses
+                else:
+                    async for message in responses:
+                        if started is not None:
+                            self._record_first(service, method, started)
+                            started = None
+                        yield message
             except FanoutError as error:
                 self._record(service, method, _STATUS_BY_KIND[error.kind], None)
                 await _abort_for(context, error)
