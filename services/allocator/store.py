@@ -11,7 +11,7 @@ from typing import Protocol
 from services.allocator.placement import Candidate, choose_stage
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Lease:
     """A viewer's claim on a seat in one Stage of a room, live while `expires_at` (epoch s) > now."""
 
@@ -21,7 +21,7 @@ class Lease:
     expires_at: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Assignment:
     """The result of `assign`: `sticky` when the viewer kept the Stage its live lease was on."""
 
