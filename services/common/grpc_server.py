@@ -49,6 +49,12 @@ class GrpcServerMetrics:
             registry=registry,
         )
 
+    def record(self, service: str, method: str, code: grpc.StatusCode, started: float | None) -> None:
+        """One call ended with `code`; its latency too when `started` (a perf_counter) is given."""
+        self.handled.labels(service, method, code.name).inc()
+        if started is not None:
+            self.latency.labels(service, method).observe(time.perf_counter() - started)
+
 
 def _split_method(full_method: str) -> tuple[str, str]:
     service, _, method = full_method.lstrip("/").rpartition("/")
@@ -91,11 +97,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _record(self, service: str, method: str, code: grpc.StatusCode, started: float | None) -> None:
-        if self._metrics is None:
-            return
-        self._metrics.handled.labels(service, method, code.name).inc()
-        if started is not None:
-            self._metrics.latency.labels(service, method).observe(time.perf_counter() - started)
+        if self._metrics is not None:
+            self._metrics.record(service, method, code, started)
 
     def _wrap_unary(self, behaviour: Any, service: str, method: str) -> Any:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -103,7 +106,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             try:
                 response = await behaviour(request, context)
             except FanoutError as error:
-                self._record(service, method, _STATUS_BY_KIND[error.kind], started)
+                self._record(service, method, status_for(error), started)
                 await _abort_for(context, error)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 self._record(service, method, context.code() or grpc.StatusCode.CANCELLED, started)
@@ -132,7 +135,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                             started = None
                         yield message
             except FanoutError as error:
-                self._record(service, method, _STATUS_BY_KIND[error.kind], None)
+                self._record(service, method, status_for(error), None)
                 await _abort_for(context, error)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 self._record(service, method, context.code() or grpc.StatusCode.CANCELLED, None)
@@ -183,8 +186,7 @@ async def answer_each(
 
     def record(code: grpc.StatusCode, started: float) -> None:
         if metrics is not None:
-            metrics.handled.labels(service, method, code.name).inc()
-            metrics.latency.labels(service, method).observe(time.perf_counter() - started)
+            metrics.record(service, method, code, started)
 
     async def answer(request: RequestT) -> None:
         started = time.perf_counter()
