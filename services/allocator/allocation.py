@@ -124,13 +124,16 @@ class Allocator:
         minter: TokenMinter,
         settings: PlacementSettings,
         metrics: AllocatorMetrics,
-        overflow: OverflowSeats | None = None,
+        overflow: OverflowSeats,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._inventory = inventory
         self._store = store
-        # Without it (no overflow store) a viewer past the ceiling is refused.
         self._overflow = overflow
+        # Rooms with viewers in their overflow tier, as of the last occupancy refresh (every second)
+        # or a seat handed out here since: only there may a new real-time viewer hold an overflow seat
+        # to give back, so other joins make no call for it.
+        self._overflow_occupied: set[str] = set()
         self._minter = minter
         self._settings = settings
         self._metrics = metrics
@@ -179,11 +182,11 @@ class Allocator:
         if assignment is None:
             refusal = await self._refusal(room, now)
             playback_url = self._inventory.overflow_url(room)
-            if refusal.code == "capacity_exhausted" and playback_url and self._overflow is not None:
+            if refusal.code == "capacity_exhausted" and playback_url:
                 return await self._overflow_seat(room, user_id, playback_url, now, started)
             self._metrics.assignment(room, "refused")
             raise refusal
-        if self._overflow is not None and self._inventory.overflow_url(room) and not assignment.sticky:
+        if not assignment.sticky and room in self._overflow_occupied:
             # Back in real time after an overflow seat (a Stage freed up): that seat is not held twice.
             await self._overflow.release(room, user_id)
         stage = stages[assignment.lease.stage_arn]
@@ -203,8 +206,8 @@ class Allocator:
         self, room: str, user_id: str, playback_url: str, now: float, started: float
     ) -> ViewerPlacement:
         """Past the real-time ceiling: a seat in the room's overflow tier instead of a refusal."""
-        assert self._overflow is not None
         assignment = await self._overflow.take(room, user_id, self._settings.lease_seconds, now)
+        self._overflow_occupied.add(room)
         self._metrics.assignment(room, "overflow")
         self._metrics.assign_latency.observe(time.perf_counter() - started)
         return ViewerPlacement(
@@ -258,7 +261,7 @@ class Allocator:
         lease = await self._store.renew(room, user_id, seconds, now)
         if lease is not None:
             return RenewedLease(seconds, lease.stage_arn, REALTIME)
-        if self._overflow is not None and await self._overflow.renew(room, user_id, seconds, now) is not None:
+        if await self._overflow.renew(room, user_id, seconds, now) is not None:
             return RenewedLease(seconds, "", OVERFLOW, await self._seat_free(room, now))
         raise NotFound("this viewer has no live lease; ask for a new token", code="lease_not_found")
 
@@ -279,7 +282,7 @@ class Allocator:
         check_room_id(room)
         check_user_id(user_id)
         released = await self._store.release(room, user_id)
-        if not released and self._overflow is not None:
+        if not released:
             released = await self._overflow.release(room, user_id)
         return released
 
@@ -355,8 +358,6 @@ class Allocator:
 
     async def _overflow_viewers(self, room: str, now: float) -> dict[str, int]:
         """Overflow seats per room (`room`, or every room when empty)."""
-        if self._overflow is None:
-            return {}
         if room:
             return {room: await self._overflow.viewers(room, now)}
         return await self._overflow.viewers_by_room(now)
@@ -370,8 +371,7 @@ class Allocator:
 
     async def reap_expired(self) -> int:
         expired = await self._store.reap(self._clock())
-        if self._overflow is not None:
-            expired += await self._overflow.reap(self._clock())
+        expired += await self._overflow.reap(self._clock())
         for lease in expired:
             self._metrics.reaped.labels(lease.room).inc()
         if expired:
@@ -385,6 +385,7 @@ class Allocator:
             {r.room: r.viewers for r in occupancy.rooms},
             {r.room: r.overflow_viewers for r in occupancy.rooms},
         )
+        self._overflow_occupied = {r.room for r in occupancy.rooms if r.overflow_viewers}
         self._metrics.region_subscriptions.set(occupancy.region_subscriptions)
         self._metrics.region_subscription_quota.set(self._settings.region_subscription_quota)
 
@@ -399,7 +400,6 @@ class Allocator:
         for stage in stages:
             self._observed.forget(stage.arn)
         dropped = await self._store.drop_room(room)
-        if self._overflow is not None:
-            dropped += await self._overflow.drop_room(room)
+        dropped += await self._overflow.drop_room(room)
         if dropped:
             log.info("room %s ended: released %d viewer lease(s)", room, dropped)
