@@ -7,10 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -23,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.timeouts import GATEWAY_RPC_SECONDS
 from tests.integration.ivslocal_fixtures import running_ivslocal
+from tests.integration.service_process import ServiceProcess
 from tests.integration.system import (
     PUBLISHER_KEY,
     service_env,
@@ -33,7 +31,6 @@ from tests.integration.system import (
 )
 from tests.integration.waiting import eventually
 
-REPO = Path(__file__).resolve().parents[2]
 UNAVAILABLE = {
     "error": {
         "code": "dependency_unavailable",
@@ -43,43 +40,12 @@ UNAVAILABLE = {
 TIMEOUT = {"error": {"code": "dependency_timeout", "message": "A backend service did not answer in time."}}
 
 
-class AllocatorProcess:
+class AllocatorProcess(ServiceProcess):
     """`python -m services.allocator` on a fixed port, so it can be killed and started again there."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        super().__init__("services.allocator", env, log_path)
         self.port = int(env["FANOUT_ALLOCATOR_LISTEN"].rsplit(":", 1)[1])
-        self._log_path = log_path
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self._log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "services.allocator"],
-                cwd=REPO,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def signal(self, number: signal.Signals) -> None:
-        assert self._process is not None
-        self._process.send_signal(number)
-
-    def kill9(self) -> None:
-        assert self._process is not None
-        self._process.send_signal(signal.SIGKILL)
-        self._process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.send_signal(signal.SIGCONT)
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
 
 
 @dataclass

@@ -40,16 +40,10 @@ TAKEOVER_BOUND_SECONDS = LEASE_SECONDS + LEASE_SECONDS / 3 + 6.0
 
 class Replica(StageManagerProcess):
     def pause(self) -> None:
-        assert self._process is not None
-        self._process.send_signal(signal.SIGSTOP)
+        self.signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        assert self._process is not None
-        self._process.send_signal(signal.SIGCONT)
-
-    def exit_code(self) -> int | None:
-        assert self._process is not None
-        return self._process.poll()
+        self.signal(signal.SIGCONT)
 
 
 @dataclass

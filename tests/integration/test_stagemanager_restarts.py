@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -24,49 +20,20 @@ from services.allocator.server import AllocatorService
 from services.ivslocal.config import Settings as IvsSettings
 from tests.integration.ivs_publisher import EmulatorPublisher
 from tests.integration.ivslocal_fixtures import IvsLocalServer, running_ivslocal
+from tests.integration.service_process import ServiceProcess
 from tests.integration.system import free_port, service_env, start_allocator_for, wait_until_serving
 from tests.integration.waiting import eventually
 from tests.redis_server import RedisServer
 
-REPO = Path(__file__).resolve().parents[2]
 CLUSTER = "restarts"
 
 
-class StageManagerProcess:
+class StageManagerProcess(ServiceProcess):
     """`python -m services.stagemanager` on a fixed port, so it can be killed and started again there."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        super().__init__("services.stagemanager", env, log_path)
         self.address = env["FANOUT_STAGEMANAGER_LISTEN"]
-        self._log_path = log_path
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self._log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "services.stagemanager"],
-                cwd=REPO,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill9(self) -> None:
-        assert self._process is not None
-        self._process.send_signal(signal.SIGKILL)
-        self._process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-
-    def log(self) -> str:
-        return self._log_path.read_text(errors="replace")
 
 
 @dataclass
