@@ -38,13 +38,20 @@ class ChannelApi:
     client: Any
 
     async def channels(self, cluster: str) -> list[dict[str, Any]]:
-        """The cluster's channels, described (GetChannel: summaries have no playback URL)."""
+        """The cluster's channels, described (GetChannel: summaries have no playback URL); one deleted
+        between the list and its GetChannel is gone, not an error."""
         page = await asyncio.to_thread(self.client.list_channels, maxResults=100)
-        return [
-            (await asyncio.to_thread(self.client.get_channel, arn=summary["arn"]))["channel"]
-            for summary in page["channels"]
-            if summary.get("tags", {}).get("fanout:cluster") == cluster
-        ]
+        described = []
+        for summary in page["channels"]:
+            if summary.get("tags", {}).get("fanout:cluster") != cluster:
+                continue
+            try:
+                described.append(
+                    (await asyncio.to_thread(self.client.get_channel, arn=summary["arn"]))["channel"]
+                )
+            except self.client.exceptions.ResourceNotFoundException:
+                continue
+        return described
 
 
 @contextlib.contextmanager
