@@ -8,7 +8,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from playwright.sync_api import Page
+from playwright.sync_api import Browser, BrowserContext, Page
+
+from tests.e2e.conftest import PageProblems, RunningSystem
 
 VIDEO = "document.querySelector('#video')"
 
@@ -37,6 +39,29 @@ def navigate_away(page: Page) -> None:
     out; page.close(run_before_unload=True) does neither, so a beacon could be lost (the lease then
     lives its full term)."""
     page.goto("about:blank")
+
+
+def open_broadcaster(
+    system: RunningSystem, browser: Browser, problems: PageProblems, room: str | None = None
+) -> tuple[BrowserContext, Page]:
+    """The broadcast page with its camera preview playing and the publisher key filled in, ready to
+    Go live (in `room`, or the page's default room)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = problems.watch(context.new_page())
+    page.goto(f"{system.base_url}/broadcast" + (f"?room={room}" if room else ""))
+    page.wait_for_function("document.querySelector('#preview').videoWidth > 0")
+    page.fill("#publisher-key", system.publisher_key)
+    return context, page
+
+
+def go_live_on_one_stage(page: Page) -> None:
+    """Go live, and wait until the page publishes on its one Stage (the origin)."""
+    page.click("#go-live")
+    page.wait_for_function(
+        "window.fanoutBroadcast.state === 'live' && window.fanoutBroadcast.stages.length === 1"
+        " && window.fanoutBroadcast.stages[0].publishState === 'published'",
+        timeout=20_000,
+    )
 
 
 def connected_participants(ivs: Any, stage_arn: str) -> dict[str, dict[str, Any]]:

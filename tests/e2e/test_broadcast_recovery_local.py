@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, Route, WebSocketRoute, expect
+from playwright.sync_api import Browser, Page, Route, WebSocketRoute, expect
 
 from tests.e2e.conftest import PageProblems, RunningSystem, screenshot
 from tests.e2e.pages import (
@@ -24,6 +24,7 @@ from tests.e2e.pages import (
     connected_participants,
     eventually,
     eventually_on,
+    open_broadcaster,
     token_claims,
 )
 
@@ -65,18 +66,6 @@ def hand_out_bad_tokens(page: Page, spoil: Callable[[str], str]) -> list[dict[st
     return spoiled
 
 
-def open_broadcaster(
-    system: RunningSystem, browser: Browser, room: str
-) -> tuple[BrowserContext, Page, PageProblems]:
-    problems = PageProblems()
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = problems.watch(context.new_page())
-    page.goto(f"{system.base_url}/broadcast?room={room}")
-    page.wait_for_function("document.querySelector('#preview').videoWidth > 0")
-    page.fill("#publisher-key", system.publisher_key)
-    return context, page, problems
-
-
 def assert_publishing_everywhere_without_error(system: RunningSystem, page: Page, room: str) -> None:
     page.wait_for_function(
         f"window.fanoutBroadcast.stages.length === {STAGES}"
@@ -114,7 +103,8 @@ def test_expired_tokens_fail_the_join_then_the_snapshot_repairs_it_and_the_error
     running_system: RunningSystem, browser: Browser
 ) -> None:
     room = "expired-tokens"
-    context, page, problems = open_broadcaster(running_system, browser, room)
+    problems = PageProblems()
+    context, page = open_broadcaster(running_system, browser, problems, room)
     spoiled = hand_out_bad_tokens(page, expired)
     # The events stream is held until the failure has been seen: its snapshot (fresh tokens) would
     # otherwise repair the Stages before the test could look at the page.
@@ -157,7 +147,8 @@ def test_a_join_refused_after_the_snapshot_came_is_retried_with_the_snapshot_tok
     """The snapshot's fresh tokens can arrive while the first joins are still under way (a refusal
     takes a round trip to the Stage); the page must then use them when those joins fail."""
     room = "refused-tokens"
-    context, page, problems = open_broadcaster(running_system, browser, room)
+    problems = PageProblems()
+    context, page = open_broadcaster(running_system, browser, problems, room)
     spoiled = hand_out_bad_tokens(page, badly_signed)
 
     # Every events socket goes through to the emulator; what the emulator says is held back until
@@ -225,7 +216,8 @@ def test_a_publish_report_that_finds_its_stage_gone_is_not_an_error(
     """Scale-in or the end of the room can delete a Stage between the page's join and its report
     that it publishes there; the stage manager then answers 404, and the page has nothing to say."""
     room = "gone-under-report"
-    context, page, problems = open_broadcaster(running_system, browser, room)
+    problems = PageProblems()
+    context, page = open_broadcaster(running_system, browser, problems, room)
     held: list[Route] = []
     page.route("**/api/rooms/*/publisher/status", lambda route: held.append(route))
 

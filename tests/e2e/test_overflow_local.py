@@ -21,7 +21,13 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from tests.e2e.conftest import PageProblems, RunningSystem, screenshot, start_system
-from tests.e2e.pages import eventually, navigate_away, wait_until_playing
+from tests.e2e.pages import (
+    eventually,
+    go_live_on_one_stage,
+    navigate_away,
+    open_broadcaster,
+    wait_until_playing,
+)
 from tests.ports import free_port
 
 pytestmark = pytest.mark.e2e
@@ -88,17 +94,8 @@ def test_viewers_past_the_ceiling_watch_the_overflow_tier(
     problems = PageProblems()
     ivs = system.ivs()
 
-    broadcaster_context = browser.new_context(viewport={"width": 1280, "height": 900})
-    broadcaster = problems.watch(broadcaster_context.new_page())
-    broadcaster.goto(f"{system.base_url}/broadcast")
-    broadcaster.wait_for_function("document.querySelector('#preview').videoWidth > 0")
-    broadcaster.fill("#publisher-key", system.publisher_key)
-    broadcaster.click("#go-live")
-    broadcaster.wait_for_function(
-        "window.fanoutBroadcast.state === 'live' && window.fanoutBroadcast.stages.length === 1"
-        " && window.fanoutBroadcast.stages[0].publishState === 'published'",
-        timeout=20_000,
-    )
+    broadcaster_context, broadcaster = open_broadcaster(system, browser, problems)
+    go_live_on_one_stage(broadcaster)
     overflow = eventually(lambda: overflow_active(system), "the overflow composition ACTIVE", within=30)
 
     # The first two viewers fill the Stage and play in real time.

@@ -20,7 +20,13 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from tests.e2e.conftest import PageProblems, RunningSystem, screenshot, start_system
-from tests.e2e.pages import connected_participants, eventually, wait_until_playing
+from tests.e2e.pages import (
+    connected_participants,
+    eventually,
+    go_live_on_one_stage,
+    open_broadcaster,
+    wait_until_playing,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -90,17 +96,8 @@ def test_one_origin_feeds_replicas_and_every_viewer_sees_the_broadcaster(
     problems = PageProblems()
     ivs = topology_system.ivs()
 
-    broadcaster_context = browser.new_context(viewport={"width": 1280, "height": 900})
-    broadcaster = problems.watch(broadcaster_context.new_page())
-    broadcaster.goto(f"{topology_system.base_url}/broadcast")
-    broadcaster.wait_for_function("document.querySelector('#preview').videoWidth > 0")
-    broadcaster.fill("#publisher-key", topology_system.publisher_key)
-    broadcaster.click("#go-live")
-    broadcaster.wait_for_function(
-        "window.fanoutBroadcast.state === 'live' && window.fanoutBroadcast.stages.length === 1"
-        " && window.fanoutBroadcast.stages[0].publishState === 'published'",
-        timeout=20_000,
-    )
+    broadcaster_context, broadcaster = open_broadcaster(topology_system, browser, problems)
+    go_live_on_one_stage(broadcaster)
     eventually(
         lambda: any(
             s["role"] == "origin" and s["state"] == "LIVE" for s in room_info(topology_system)["stages"]
