@@ -52,11 +52,12 @@ $(PLAYER_JS):
 setup: $(BIN)/.installed $(SDK_JS) $(PLAYER_JS) ## Create the virtualenv, install pinned dependencies, vendor the IVS web SDK and player
 
 # The tests drive a real Chromium, a real Prometheus and private redis-servers; all from Debian's packages.
-system-deps: ## Install the Debian packages the tests drive (chromium, prometheus, redis-server) if they are missing
+system-deps: ## Install the Debian packages the tests and bench drive (chromium, prometheus, redis-server, wrk) if missing
 	@missing=(); \
 	command -v chromium >/dev/null 2>&1 || missing+=(chromium); \
 	command -v promtool >/dev/null 2>&1 || missing+=(prometheus); \
 	command -v redis-server >/dev/null 2>&1 || missing+=(redis-server); \
+	command -v wrk >/dev/null 2>&1 || missing+=(wrk); \
 	if [ $${#missing[@]} -gt 0 ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing $${missing[*]}"; \
@@ -89,7 +90,7 @@ lint: setup ## ruff (lint and format check) and mypy
 
 # Options for tools.bench, e.g. make bench BENCH_ARGS="--no-storm --gateway-workers 2".
 BENCH_ARGS ?=
-bench: setup ## Measure viewer-token throughput and latency through the whole path
+bench: setup system-deps ## Measure viewer-token throughput and latency through the whole path
 	$(PY) -m tools.bench $(BENCH_ARGS)
 
 k8s-check: $(BIN)/.installed ## Build every Kustomize overlay offline and check hardening, wiring and monitoring

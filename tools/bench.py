@@ -7,9 +7,13 @@ directory. A benchmark, not a test: it prints figures, and exits non-zero only i
 How to read the output:
 
 1. baseline: tokens one core signs with the allocator's own minter and nothing else running: the
-   ceiling for one allocator process. Everything between it and step 3 is overhead.
+   ceiling for one allocator process. Everything between it and step 3 is overhead. Measured again for
+   1 s before each closed-loop level (last column of step 3): a shared VM's core drifts by a fifth in
+   speed from second to second, so the summary compares with the mean of every sample.
 2. system: ports, state dir, and the services' log file (read it when anything failed).
-3. closed loop: N virtual users, each sending its next request as soon as the previous is answered;
+3. closed loop: N virtual users, each sending its next request as soon as the previous is answered
+   (driven by wrk when it is installed, a C generator that leaves more CPU to the services; else, or
+   with --generator python, by tools/loadgen.py);
    every request is a new userId, so every token is a new placement (the expensive path). tok/s counts
    200s completed in the measured window; p50/p90/p99 are per-request latencies; errors are non-200
    answers and failed connections. CPU columns, in % of ONE core: gateway, allocator, the load
@@ -24,21 +28,24 @@ How to read the output:
    (coordinated omission). "send lag" is how late the generator itself sent; "in flight" the most
    requests outstanding at once. Run at half the best closed-loop rate, and also at 1,000/s (the
    target's half rate) when that is higher.
-5. summary: the targets, the best rate as a fraction of the raw signing rate measured in step 1, the
+5. summary: the targets, the best rate as a fraction of the raw signing rate (the mean of step 1's
+   sample and those before each level, with their range), the
    CPU each process spent per token at the best level (gateway, its workers together; allocator; load
    generator), an estimate of the rate without the generator's CPU, the room at the end, the load
    average at the start and the end (above the CPU count, other work shared the machine), and each
    service's CPU seconds since it started.
    A WARNING line means other processes took CPU during the run: the figures then understate the
-   system, so rerun on a quiet machine. Figures vary by about 10 % from run to run.
+   system, so rerun on a quiet machine. On a shared VM, rates vary by 10-20 % from run to run even
+   when idle (the raw signing samples show by how much); ratios in one run vary less.
 6. join storm: fresh systems under a burst of new viewers, once with the fan-out topology (1 origin x 5
    replicas) and once with browser fan-out, each with a broadcaster that really publishes in the
    emulator; per scenario the refusals, the Stages per 1,000 viewers, the Stages the broadcaster
    publishes to against those it reaches, and the room's binding limit. tools/bench_storm.py explains it.
 
 Options: --seconds (per level), --levels (closed-loop concurrencies), --gateway-workers (gateway
-processes on the port; CPU columns count them together), --keep (keep the temp dir), --no-storm (skip
-step 6), --storm-only (step 6 alone).
+processes on the port; CPU columns count them together), --generator (auto, wrk or python: the
+closed loop's load generator), --keep (keep the temp dir), --no-storm (skip step 6), --storm-only
+(step 6 alone).
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ class Run:
     storm: bool = True
     tokens: bool = True
     gateway_workers: int = 1
+    generator: str = "auto"
 
 
 async def main_async(run: Run) -> int:
@@ -71,7 +79,11 @@ async def main_async(run: Run) -> int:
     task = asyncio.current_task()
     if task is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    code = await run_bench(run.levels, run.seconds, run.keep, run.gateway_workers) if run.tokens else 0
+    code = (
+        await run_bench(run.levels, run.seconds, run.keep, run.gateway_workers, run.generator)
+        if run.tokens
+        else 0
+    )
     if code == 0 and run.storm:
         code = await run_storm(run.keep)
     return code
@@ -94,6 +106,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Run:
         default=1,
         help="gateway processes sharing the port (FANOUT_GATEWAY_WORKERS; default 1)",
     )
+    parser.add_argument(
+        "--generator",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="closed-loop load generator: wrk (C, little CPU), python (tools/loadgen.py), or auto: "
+        "wrk when installed (default)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary state dir and logs")
     parser.add_argument("--no-storm", action="store_true", help="skip the join-storm scenario")
     parser.add_argument("--storm-only", action="store_true", help="run the join-storm scenario alone")
@@ -111,6 +130,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Run:
         storm=not args.no_storm,
         tokens=not args.storm_only,
         gateway_workers=args.gateway_workers,
+        generator=args.generator,
     )
 
 
