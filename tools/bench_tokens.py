@@ -34,10 +34,10 @@ from tools.loadgen import (
 from tools.local_system import SERVICES
 from tools.wrk_load import WrkClosedLoop, WrkFigures
 
-TARGET_TOKENS_PER_SECOND = 2000.0
-TARGET_P99_MS = 25.0
-# Tokens end to end as a fraction of one core's raw signing rate on the same machine (issue 11).
+# DESIGN.md §11: tokens end to end >= 0.5 x one core's raw signing rate in the same run, and p99 <= 25 ms
+# at half that rate (0.25 x the raw signing rate).
 TARGET_SIGNING_RATIO = 0.5
+TARGET_P99_MS = 25.0
 SIGNING_SECONDS = 2.0
 # Raw signing again before each closed-loop level: on a shared VM one core's speed drifts by a fifth
 # from second to second, so one sample at the start alone can make the ratio swing for no cause.
@@ -278,19 +278,24 @@ async def closed_loop(
 
 @dataclass
 class OpenLoopRates:
-    """The open loop's rates (half the best closed-loop rate, and the target's half rate if higher)."""
+    """The open loop's rates: the target's (half of 0.5 x raw signing) and half the best closed-loop
+    rate, which is the stricter of the two whenever the throughput target is beaten."""
 
+    target: float
     half_best: float
     p99_ms: dict[float, float] = field(default_factory=dict)
 
     def rates(self) -> list[float]:
-        rates = [self.half_best]
-        if self.half_best < TARGET_TOKENS_PER_SECOND / 2:
-            rates.append(TARGET_TOKENS_PER_SECOND / 2)
+        rates = [self.target]
+        # Within 5 % of each other the second row would tell nothing new.
+        if abs(self.half_best - self.target) > 0.05 * self.target:
+            rates.append(self.half_best)
         return [rate for rate in rates if rate >= 1]
 
 
-async def open_loop(load: MeteredLoad, best: BestLevel, seconds: float) -> OpenLoopRates:
+async def open_loop(
+    load: MeteredLoad, best: BestLevel, seconds: float, signing: SigningSamples
+) -> OpenLoopRates:
     """Step 4: one row per rate, latency counted from each request's scheduled send time."""
     print(
         f"\n4. open loop: fixed schedule, latency from the scheduled send time, "
@@ -300,7 +305,7 @@ async def open_loop(load: MeteredLoad, best: BestLevel, seconds: float) -> OpenL
         f"  {'target/s':>8} {'sent/s':>8} {'ok/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}  "
         f"{'errors':<8} {'in flight':>9} {'send lag p99':>12} | CPU %: gw alloc gen ours other"
     )
-    figures = OpenLoopRates(best.rate / 2)
+    figures = OpenLoopRates(target=TARGET_SIGNING_RATIO * signing.mean() / 2, half_best=best.rate / 2)
     for rate in figures.rates():
         result, cpu = await load.run_open(
             OpenLoopJob(load.url, rate, WARMUP_SECONDS / 2, seconds, f"o{rate:.0f}-{secrets.token_hex(3)}")
@@ -326,11 +331,7 @@ def plural(count: int, one: str, many: str) -> str:
 
 
 def summarize_throughput(best: BestLevel, signing: SigningSamples, gateway_workers: int) -> None:
-    verdict = "MET" if best.rate >= TARGET_TOKENS_PER_SECOND else "MISSED"
-    print(
-        f"   best throughput    {best.rate:,.0f} tokens/s (concurrency {best.concurrency}); target >= "
-        f"{TARGET_TOKENS_PER_SECOND:,.0f}/s: {verdict} ({best.rate / TARGET_TOKENS_PER_SECOND:.0%})"
-    )
+    print(f"   best throughput    {best.rate:,.0f} tokens/s (concurrency {best.concurrency})")
     sign_rate = signing.mean()
     ratio = best.rate / sign_rate
     print(
@@ -362,8 +363,11 @@ def summarize_throughput(best: BestLevel, signing: SigningSamples, gateway_worke
 def summarize_latency(figures: OpenLoopRates) -> None:
     for rate, p99 in figures.p99_ms.items():
         verdict = "MET" if p99 <= TARGET_P99_MS else "MISSED"
-        label = "half the best" if rate == figures.half_best else "the target's half rate"
-        print(f"   p99 at {rate:,.0f}/s ({label}): {p99:.1f} ms; target <= {TARGET_P99_MS:.0f} ms: {verdict}")
+        if rate == figures.target:
+            label = f"the target's rate, half of {TARGET_SIGNING_RATIO} x raw signing"
+        else:
+            label = "half the best, stricter than the target while the best beats it"
+        print(f"   p99 at {rate:,.0f}/s ({label}): {p99:.1f} ms; <= {TARGET_P99_MS:.0f} ms: {verdict}")
 
 
 async def summarize_system(system: BenchSystem, load: MeteredLoad, started: float, start_load: str) -> None:
@@ -446,7 +450,7 @@ async def run_bench(
         await check_viewer_token(system)
         load = MeteredLoad(system, generator, wrk)
         best = await closed_loop(load, levels, seconds, signing)
-        open_rates = await open_loop(load, best, seconds)
+        open_rates = await open_loop(load, best, seconds, signing)
         print("\n5. summary")
         summarize_throughput(best, signing, gateway_workers)
         summarize_latency(open_rates)
