@@ -5,6 +5,10 @@ HTTP/2 stream, call objects, metadata, completion-queue hand-offs on both sides)
 stream costs a fraction of that. Callers see the unary call's behaviour: an answer, or a
 grpc.aio.AioRpcError with the status, details and trailing metadata AssignViewer would have failed
 with, so the one gRPC → HTTP map (gateway/errors.py) answers both paths alike.
+
+An allocator that stops (a rolling update) ends the stream cleanly once it has answered every request
+it read; the requests still waiting were never begun, so they go once more on a new stream, which the
+channel opens to an allocator that is not stopping: a rollout costs viewers no 503s.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -45,16 +51,31 @@ def error_from_proto(error: allocator_pb2.RequestError) -> grpc.aio.AioRpcError:
     return rpc_error(status, error.message, tuple(metadata))
 
 
+@dataclass(slots=True)
+class _Waiting:
+    """A request sent and not yet answered, and whether it was already sent again after a clean end."""
+
+    request: allocator_pb2.AssignViewerRequest
+    future: asyncio.Future[allocator_pb2.AssignViewerResponse]
+    resent: bool = False
+
+
 class _Stream:
     """One AssignViewers call: a writer task sends queued requests, a reader task settles answers.
 
     When either fails the stream is over: every request still waiting fails with UNAVAILABLE, as a
-    unary call in flight fails when its connection breaks; the next request opens a new stream.
+    unary call in flight fails when its connection breaks; the next request opens a new stream. When
+    the allocator ends it cleanly (it is stopping), the requests still waiting go to `on_drained`.
     """
 
-    def __init__(self, stub: allocator_pb2_grpc.AllocatorAsyncStub) -> None:
-        self.pending: dict[int, asyncio.Future[allocator_pb2.AssignViewerResponse]] = {}
+    def __init__(
+        self,
+        stub: allocator_pb2_grpc.AllocatorAsyncStub,
+        on_drained: Callable[[list[tuple[int, _Waiting]]], None],
+    ) -> None:
+        self.pending: dict[int, _Waiting] = {}
         self.closed = False
+        self._on_drained = on_drained
         self._answered = False
         # Every queued request is pending, and pending requests are bounded: so is this queue.
         self._outbox: asyncio.Queue[allocator_pb2.IdentifiedAssignViewerRequest] = asyncio.Queue()
@@ -87,7 +108,7 @@ class _Stream:
             while True:
                 message = await self._call.read()
                 if message is grpc.aio.EOF:
-                    self.close("the allocator ended the AssignViewers stream")
+                    self._drained()
                     return
                 self._answered = True
                 for result in message.results:
@@ -99,10 +120,11 @@ class _Stream:
             self.close("reading the AssignViewers stream failed")
 
     def _settle(self, result: allocator_pb2.AssignViewerResult) -> None:
-        future = self.pending.pop(result.id, None)
+        waiting = self.pending.pop(result.id, None)
         # None: the request's caller gave up (its deadline, or it went away) before the answer came.
-        if future is None or future.done():
+        if waiting is None or waiting.future.done():
             return
+        future = waiting.future
         if result.HasField("error"):
             future.set_exception(error_from_proto(result.error))
         else:
@@ -121,15 +143,29 @@ class _Stream:
             log.info("%s", reason)
         else:
             log.debug("%s; failing %d waiting requests", reason, len(self.pending))
+        self._stop_tasks()
+        for waiting in self.pending.values():
+            if not waiting.future.done():
+                waiting.future.set_exception(rpc_error(grpc.StatusCode.UNAVAILABLE, reason))
+        self.pending.clear()
+
+    def _drained(self) -> None:
+        """The allocator ended the stream with OK: it stops, and answered every request it had read
+        (services/common/grpc_server.py answer_each), so those still waiting were never begun."""
+        if self.closed:
+            return
+        self.closed = True
+        self._stop_tasks()
+        waiting = [(request_id, w) for request_id, w in self.pending.items() if not w.future.done()]
+        self.pending.clear()
+        self._on_drained(waiting)
+
+    def _stop_tasks(self) -> None:
         self._call.cancel()
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
                 task.cancel()
-        for future in self.pending.values():
-            if not future.done():
-                future.set_exception(rpc_error(grpc.StatusCode.UNAVAILABLE, reason))
-        self.pending.clear()
 
     async def wait_closed(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -155,22 +191,44 @@ class AssignStream:
             async with asyncio.timeout(self._timeout), self._places:
                 stream = self._open_stream()
                 request_id = next(self._ids)
-                future: asyncio.Future[allocator_pb2.AssignViewerResponse] = (
-                    asyncio.get_running_loop().create_future()
-                )
-                stream.pending[request_id] = future
+                waiting = _Waiting(request, asyncio.get_running_loop().create_future())
+                stream.pending[request_id] = waiting
                 try:
                     stream.send(request_id, request)
-                    return await future
+                    return await waiting.future
                 finally:
                     stream.pending.pop(request_id, None)
+                    # Sent again on a newer stream, if its first one ended cleanly meanwhile.
+                    if self._stream is not None:
+                        self._stream.pending.pop(request_id, None)
         except TimeoutError:
             raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
 
     def _open_stream(self) -> _Stream:
         if self._stream is None or self._stream.closed:
-            self._stream = _Stream(self._stub)
+            self._stream = _Stream(self._stub, self._send_again)
         return self._stream
+
+    def _send_again(self, waiting: list[tuple[int, _Waiting]]) -> None:
+        """Sends the requests a stopping allocator never read on a new stream, each at most once more
+        (an allocator that ends every stream at once must not keep a request circling)."""
+        again = [(request_id, w) for request_id, w in waiting if not w.resent]
+        for _, w in waiting:
+            if w.resent:
+                reason = "the allocator ended the AssignViewers stream twice"
+                w.future.set_exception(rpc_error(grpc.StatusCode.UNAVAILABLE, reason))
+        log.info(
+            "the allocator ended the AssignViewers stream (it is stopping); %d waiting request(s) sent "
+            "again on a new one",
+            len(again),
+        )
+        if not again:
+            return
+        stream = self._open_stream()
+        for request_id, w in again:
+            w.resent = True
+            stream.pending[request_id] = w
+            stream.send(request_id, w.request)
 
     async def close(self) -> None:
         """Ends the stream (requests still waiting fail with UNAVAILABLE); before the channel closes."""

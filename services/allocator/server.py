@@ -112,11 +112,15 @@ async def start_allocator(
     )
 
     grpc_metrics = GrpcServerMetrics(registry)
+    stopping = asyncio.Event()
 
     def register(server: grpc.aio.Server) -> None:
-        allocator_pb2_grpc.add_AllocatorServicer_to_server(AllocatorServicer(allocator, grpc_metrics), server)
+        servicer = AllocatorServicer(allocator, grpc_metrics, stopping)
+        allocator_pb2_grpc.add_AllocatorServicer_to_server(servicer, server)
 
-    server = await start_grpc_server(settings.listen, register, [SERVICE_NAME], grpc_metrics, serving=False)
+    server = await start_grpc_server(
+        settings.listen, register, [SERVICE_NAME], grpc_metrics, serving=False, stopping=stopping
+    )
     tasks = [
         asyncio.create_task(watcher.run()),
         asyncio.create_task(_serve_when_ready(watcher, server, store, metrics)),

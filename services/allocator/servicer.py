@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -69,9 +70,17 @@ def failure_to_proto(
 
 
 class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
-    def __init__(self, allocator: Allocator, metrics: GrpcServerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        allocator: Allocator,
+        metrics: GrpcServerMetrics | None = None,
+        stopping: asyncio.Event | None = None,
+    ) -> None:
         self._allocator = allocator
         self._metrics = metrics
+        # Set when the server begins to stop: AssignViewers streams then read no further request and
+        # end once those read are answered, so the gateway sends the rest to another allocator.
+        self._stopping = stopping
 
     async def AssignViewer(
         self, request: allocator_pb2.AssignViewerRequest, context: grpc.aio.ServicerContext
@@ -94,6 +103,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             service=SERVICE_NAME,
             # Counted as the unary calls they replace, so a dashboard sees every assignment either way.
             method="AssignViewer",
+            stopping=self._stopping,
         ):
             yield allocator_pb2.AssignViewersResponse(results=results)
 

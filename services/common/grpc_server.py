@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -173,12 +173,17 @@ async def answer_each(
     metrics: GrpcServerMetrics | None,
     service: str,
     method: str,
+    stopping: asyncio.Event | None = None,
 ) -> AsyncIterator[list[AnswerT]]:
     """Many unary requests over one stream, arriving in batches: each handled in a task of its own (at
     most `limit` at once, then reading waits), and the answers ready at the same time yielded together
     as soon as they are. A request that fails gets `failed(request, ...)` with what the interceptor
     would have ended its unary call with, and the stream goes on; `metrics` counts each request as a
-    call of `method`."""
+    call of `method`.
+
+    Once `stopping` is set (the server is shutting down) no further request is read: the stream ends,
+    with OK, as soon as every request read is answered. Every request left unanswered then was never
+    begun, so the caller may send it again elsewhere (gateway/assign_stream.py does)."""
     answers: asyncio.Queue[AnswerT | None] = asyncio.Queue()
     # Taken when a request is read, given back when its answer is yielded: bounds tasks and queue.
     slots = asyncio.Semaphore(limit)
@@ -204,15 +209,19 @@ async def answer_each(
             record(grpc.StatusCode.OK, started)
         answers.put_nowait(result)
 
+    async def read_requests() -> None:
+        async for batch in batches:
+            for request in batch:
+                await slots.acquire()
+                task = asyncio.create_task(answer(request))
+                handling.add(task)
+                task.add_done_callback(handling.discard)
+
     async def read() -> None:
         try:
-            async for batch in batches:
-                for request in batch:
-                    await slots.acquire()
-                    task = asyncio.create_task(answer(request))
-                    handling.add(task)
-                    task.add_done_callback(handling.discard)
-            # The caller closed its side: the stream ends once every request read is answered.
+            await _until_set(read_requests(), stopping)
+            # The caller closed its side, or the server is stopping: the stream ends once every
+            # request read is answered.
             await asyncio.gather(*handling)
         finally:
             answers.put_nowait(None)
@@ -243,11 +252,33 @@ async def answer_each(
         await asyncio.gather(reader, *handling, return_exceptions=True)
 
 
+async def _until_set(work: Coroutine[Any, Any, None], event: asyncio.Event | None) -> None:
+    """Runs `work` to its end, or until `event` is set, then cancels it; its error, if any, is raised."""
+    if event is None:
+        await work
+        return
+    running = asyncio.ensure_future(work)
+    setting = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait((running, setting), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        setting.cancel()
+        if not running.done():
+            running.cancel()
+            # Waited for without raising its cancellation: only a cancellation of this task propagates.
+            await asyncio.wait((running,))
+    if not running.cancelled():
+        running.result()
+
+
 @dataclass
 class GrpcServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    # Set when stop() begins: long-lived streams (answer_each) stop reading and end on their own
+    # instead of being cut off when the grace period runs out.
+    stopping: asyncio.Event
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -256,6 +287,7 @@ class GrpcServer:
         await self.health.set("", status)
 
     async def stop(self, grace: float) -> None:
+        self.stopping.set()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
@@ -266,8 +298,11 @@ async def start_grpc_server(
     service_names: Sequence[str],
     metrics: GrpcServerMetrics | None,
     serving: bool = True,
+    stopping: asyncio.Event | None = None,
 ) -> GrpcServer:
-    """Starts a server with health and reflection; returns the bound port so tests can pass port 0."""
+    """Starts a server with health and reflection; returns the bound port so tests can pass port 0.
+    `stopping` (made here when not given) is set when the server begins to stop; pass one to give it to
+    servicers registered before the server exists."""
     server = grpc.aio.server(
         interceptors=[ErrorMappingInterceptor(metrics)],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 * 1024 * 1024)],
@@ -283,6 +318,11 @@ async def start_grpc_server(
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
     await server.start()
-    grpc_server = GrpcServer(server=server, port=port, health=health_servicer)
+    grpc_server = GrpcServer(
+        server=server,
+        port=port,
+        health=health_servicer,
+        stopping=asyncio.Event() if stopping is None else stopping,
+    )
     await grpc_server.set_serving(serving)
     return grpc_server

@@ -63,10 +63,12 @@ class Setup:
 
 
 @contextlib.asynccontextmanager
-async def allocator_as_a_process(tmp_path: Path) -> AsyncIterator[Setup]:
+async def allocator_as_a_process(
+    tmp_path: Path, settings: Mapping[str, str] | None = None
+) -> AsyncIterator[Setup]:
     """The emulator, stage manager and gateway in-process; the allocator a child process; a show on."""
     async with running_ivslocal() as ivs:
-        env = service_env(ivs.url, tmp_path, {"FANOUT_LOG_JSON": "false"})
+        env = service_env(ivs.url, tmp_path, {"FANOUT_LOG_JSON": "false", **(settings or {})})
         to_allocator = stagemanager_allocator_channel(env["FANOUT_ALLOCATOR_ADDR"])
         stagemanager = await start_stagemanager(env, CollectorRegistry(), to_allocator)
         allocator = AllocatorProcess(
@@ -140,3 +142,31 @@ async def test_a_frozen_allocator_costs_a_viewer_the_deadline_answer_and_the_str
     assert thawed[0] == 200, thawed
     # The late answers to the requests that timed out were dropped; the stream itself never broke.
     assert not [r for r in caplog.records if "AssignViewers stream" in r.getMessage()]
+
+
+async def test_a_stopping_allocator_ends_the_gateway_stream_itself_and_exits_long_before_its_grace(
+    tmp_path: Path,
+) -> None:
+    # A long grace, so that waiting it out (an open stream holding the server) would show.
+    grace = 30.0
+    async with allocator_as_a_process(tmp_path, {"FANOUT_SHUTDOWN_GRACE_SECONDS": str(grace)}) as setup:
+        assert (await setup.viewer("before"))[0] == 200  # the gateway's stream is open
+        started = time.monotonic()
+        setup.allocator.signal(signal.SIGTERM)
+        await eventually(
+            lambda: setup.allocator.exit_code() is not None, "the allocator exiting", within=grace + 5
+        )
+        took = time.monotonic() - started
+        exit_code = setup.allocator.exit_code()
+        while_down = await setup.viewer("while-down")
+        setup.allocator.start()
+
+        async def placed() -> bool:
+            return (await setup.viewer("after"))[0] == 200
+
+        await eventually(placed, what="a viewer placed by the new allocator", within=30, every=0.2)
+
+    assert exit_code == 0, setup.allocator.log()
+    assert took < 10, f"the allocator took {took:.1f} s to stop with a gateway stream open"
+    status, body, headers, _ = while_down
+    assert (status, body, headers.get("Retry-After")) == (503, UNAVAILABLE, "2")

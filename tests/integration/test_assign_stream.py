@@ -31,7 +31,8 @@ from services.common.errors import (
     NotFound,
     Unavailable,
 )
-from services.common.grpc_server import GrpcServerMetrics, start_grpc_server
+from services.common.grpc_server import GrpcServer, GrpcServerMetrics, start_grpc_server
+from tests.integration.waiting import eventually
 from tests.ports import free_port
 
 # The allocator's own refusals (allocation.py, store_guard.py, ids.py), by the user id that asks for one.
@@ -181,3 +182,101 @@ async def test_a_request_fails_with_unavailable_when_nothing_listens_as_a_unary_
             await stream.close()
     assert streamed.value.code() == unary.value.code() == grpc.StatusCode.UNAVAILABLE
     assert failure(streamed.value)["http"] == failure(unary.value)["http"]
+
+
+class GatedAllocator:
+    """An allocator core that holds every placement until its gate opens, and remembers who it placed."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.begun: list[str] = []
+        self.placed: set[str] = set()
+
+    async def assign_viewer(self, room: str, user_id: str) -> ViewerPlacement:
+        self.begun.append(user_id)
+        await self.gate.wait()
+        self.placed.add(user_id)
+        return placement(user_id)
+
+
+async def serve(core: GatedAllocator) -> GrpcServer:
+    """An allocator gRPC server wired as start_allocator wires it: its servicer ends its streams when
+    the server begins to stop."""
+    stopping = asyncio.Event()
+
+    def register(server: grpc.aio.Server) -> None:
+        servicer = AllocatorServicer(cast(Allocator, core), None, stopping)
+        allocator_pb2_grpc.add_AllocatorServicer_to_server(servicer, server)
+
+    return await start_grpc_server("127.0.0.1:0", register, [SERVICE_NAME], None, stopping=stopping)
+
+
+async def test_a_stopping_allocator_answers_what_it_read_and_the_rest_go_to_another_without_a_503() -> None:
+    cores = (GatedAllocator(), GatedAllocator())
+    servers = [await serve(core) for core in cores]
+    # Two allocators behind one channel, as replicas behind a Service: a new stream may go to either.
+    target = f"ipv4:127.0.0.1:{servers[0].port},127.0.0.1:{servers[1].port}"
+    channel = grpc.aio.insecure_channel(target, options=[("grpc.lb_policy_name", "round_robin")])
+    stream = AssignStream(
+        cast("allocator_pb2_grpc.AllocatorAsyncStub", allocator_pb2_grpc.AllocatorStub(channel)), 20
+    )
+    try:
+        await stream.assign_viewer(request("first"))
+        holder = 0 if "first" in cores[0].placed else 1
+        stopping_core, other_core = cores[holder], cores[1 - holder]
+        stopping_core.gate.clear()
+        early = [asyncio.create_task(stream.assign_viewer(request(f"early-{i}"))) for i in range(20)]
+        await eventually(lambda: len(stopping_core.begun) == 21, "the 20 early requests begun")
+        # A rolling update stops this allocator while it holds 20 placements: they finish there...
+        stopped = asyncio.create_task(servers[holder].stop(grace=15))
+        await eventually(servers[holder].stopping.is_set, "the allocator stopping")
+        # ...while these 20 reach a stream it no longer reads.
+        late = [asyncio.create_task(stream.assign_viewer(request(f"late-{i}"))) for i in range(20)]
+        await asyncio.sleep(0.2)
+        stopping_core.gate.set()
+        answers = await asyncio.gather(*early, *late)
+        # The stream ended by itself once the early ones were answered, long before the grace ran out.
+        await asyncio.wait_for(stopped, 5)
+    finally:
+        await stream.close()
+        await channel.close()
+        for server in servers:
+            await server.stop(0)
+    assert [answer.user_id for answer in answers] == [f"early-{i}" for i in range(20)] + [
+        f"late-{i}" for i in range(20)
+    ]
+    assert {f"early-{i}" for i in range(20)} <= stopping_core.placed
+    assert {f"late-{i}" for i in range(20)} <= other_core.placed
+    assert not any(user.startswith("late-") for user in stopping_core.begun)
+
+
+async def test_requests_a_stopping_allocator_never_read_fail_at_once_when_no_other_answers() -> None:
+    core = GatedAllocator()
+    server = await serve(core)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    stream = AssignStream(
+        cast("allocator_pb2_grpc.AllocatorAsyncStub", allocator_pb2_grpc.AllocatorStub(channel)), 20
+    )
+    try:
+        await stream.assign_viewer(request("first"))
+        core.gate.clear()
+        early = asyncio.create_task(stream.assign_viewer(request("early")))
+        await eventually(lambda: core.begun == ["first", "early"], "the early request begun")
+        stopped = asyncio.create_task(server.stop(grace=15))
+        await eventually(server.stopping.is_set, "the allocator stopping")
+        late = asyncio.create_task(stream.assign_viewer(request("late")))
+        await asyncio.sleep(0.2)
+        core.gate.set()
+        assert (await early).user_id == "early"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await asyncio.wait_for(late, 5)
+        await asyncio.wait_for(stopped, 5)
+    finally:
+        await stream.close()
+        await channel.close()
+        await server.stop(0)
+    # Sent again once, found nothing listening: the unary call's answer (503), not a 20 s deadline.
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert failure(refused.value)["http"][0] == 503
+    assert "late" not in core.begun
