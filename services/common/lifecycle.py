@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import signal
 import sys
@@ -16,6 +17,7 @@ import uvloop
 from services.common.env import ConfigError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def settings_or_exit(service: str, read: Callable[[Mapping[str, str]], T]) -> T:
@@ -41,12 +43,26 @@ async def wait_for_stop_signal() -> None:
             loop.remove_signal_handler(sig)
 
 
-async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancels background tasks and waits until each has finished unwinding."""
-    pending = list(tasks)
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], again_after: float = 2.0) -> None:
+    """Cancels background tasks and waits until each has finished unwinding.
+
+    A task still running `again_after` seconds after its cancellation is cancelled again (and again):
+    redis-py's asyncio client can swallow a cancellation (see raise_if_cancelled), and a loop around it
+    would otherwise keep a stopping process alive until something kills it.
+    """
+    pending = {task for task in tasks if not task.done()}
     for task in pending:
         task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    while pending:
+        done, pending = await asyncio.wait(pending, timeout=again_after)
+        for task in done:
+            # Retrieved, so that an error raised while unwinding is not reported as never retrieved.
+            if not task.cancelled():
+                task.exception()
+        for task in pending:
+            log.warning("task %s still running %.0f s after it was cancelled; cancelling it again",
+                        task.get_name(), again_after)  # fmt: skip
+            task.cancel()
 
 
 def raise_if_cancelled() -> None:
