@@ -61,6 +61,15 @@ class Setup:
             body = await answer.json()
             return answer.status, body, answer.headers, time.monotonic() - started
 
+    async def start_allocator_again(self) -> None:
+        """Starts the allocator process again and waits until the gateway places a viewer through it."""
+        self.allocator.start()
+
+        async def placed() -> bool:
+            return (await self.viewer("after"))[0] == 200
+
+        await eventually(placed, what="a viewer placed by the new allocator", within=30, every=0.2)
+
 
 @contextlib.asynccontextmanager
 async def allocator_as_a_process(
@@ -110,13 +119,7 @@ async def test_a_killed_allocator_fails_waiting_viewers_with_503_and_the_gateway
         setup.allocator.kill9()
         answers = await asyncio.gather(*waiting)
         while_down = await setup.viewer("while-down")
-
-        setup.allocator.start()
-
-        async def placed() -> bool:
-            return (await setup.viewer("after"))[0] == 200
-
-        await eventually(placed, what="a viewer placed by the restarted allocator", within=30, every=0.2)
+        await setup.start_allocator_again()
 
     for status, body, headers, seconds in [*answers, while_down]:
         assert (status, body, headers.get("Retry-After")) == (503, UNAVAILABLE, "2")
@@ -159,12 +162,7 @@ async def test_a_stopping_allocator_ends_the_gateway_stream_itself_and_exits_lon
         took = time.monotonic() - started
         exit_code = setup.allocator.exit_code()
         while_down = await setup.viewer("while-down")
-        setup.allocator.start()
-
-        async def placed() -> bool:
-            return (await setup.viewer("after"))[0] == 200
-
-        await eventually(placed, what="a viewer placed by the new allocator", within=30, every=0.2)
+        await setup.start_allocator_again()
 
     assert exit_code == 0, setup.allocator.log()
     assert took < 10, f"the allocator took {took:.1f} s to stop with a gateway stream open"
