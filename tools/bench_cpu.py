@@ -21,6 +21,12 @@ def cpu_seconds_of_this_process() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def cpu_seconds_of_ended_children() -> float:
+    """CPU seconds of this process's children that have ended and been waited for (a wrk run)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def process_cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads) from /proc; 0 when it cannot be read."""
     try:

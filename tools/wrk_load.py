@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.bench_cpu import cpu_seconds_of_ended_children
 from tools.loadgen import ClosedLoopJob
 
 WRK = "wrk"
@@ -100,12 +100,6 @@ def parse_report(output: str) -> WrkFigures:
     )
 
 
-def children_cpu_seconds() -> float:
-    """CPU seconds of this process's children that have ended and been waited for."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 class WrkClosedLoop:
     """Runs closed-loop jobs with wrk: a warm-up run, then the measured run, each a wrk process."""
 
@@ -116,10 +110,10 @@ class WrkClosedLoop:
 
     async def run(self, job: ClosedLoopJob) -> tuple[WrkFigures, float, int]:
         """(the measured run's figures, wrk's CPU seconds for both runs, requests in both runs)."""
-        cpu_started = children_cpu_seconds()
+        cpu_started = cpu_seconds_of_ended_children()
         warmup = await self._wrk(job, f"{job.id_prefix}-w", job.warmup)
         measured = await self._wrk(job, job.id_prefix, job.seconds)
-        return measured, children_cpu_seconds() - cpu_started, warmup.requests + measured.requests
+        return measured, cpu_seconds_of_ended_children() - cpu_started, warmup.requests + measured.requests
 
     async def _wrk(self, job: ClosedLoopJob, id_prefix: str, seconds: float) -> WrkFigures:
         # wrk counts whole seconds; its timeout is per request, as the Python generator's is.
