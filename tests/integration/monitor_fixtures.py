@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -83,9 +84,21 @@ class LocalSqsQueue:
     client: Any
 
 
+def new_queue_name() -> str:
+    return f"ivs-stage-events-{uuid.uuid4().hex[:12]}"
+
+
 @contextlib.contextmanager
-def running_sqs_queue(port: int | None = None, name: str = "ivs-stage-events") -> Iterator[LocalSqsQueue]:
-    """A real SQS API over HTTP on loopback (moto's server, on `port` if given), with one empty queue."""
+def running_sqs_queue(
+    port: int | None = None, name: str | None = None, visibility_timeout: int = 30
+) -> Iterator[LocalSqsQueue]:
+    """A real SQS API over HTTP on loopback (moto's server, on `port` if given), with one new empty queue.
+
+    moto keeps its queues in one store per process, whichever server serves them: each queue has a name
+    of its own (unless given), so no test reads what an earlier one left behind. `visibility_timeout` is
+    how long a message read and not deleted stays hidden before it comes back.
+    """
+    name = name or new_queue_name()
     port = port or free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -98,6 +111,9 @@ def running_sqs_queue(port: int | None = None, name: str = "ivs-stage-events") -
         aws_secret_access_key="local",
     )
     try:
-        yield LocalSqsQueue(endpoint, client.create_queue(QueueName=name)["QueueUrl"], client)
+        url = client.create_queue(QueueName=name, Attributes={"VisibilityTimeout": str(visibility_timeout)})[
+            "QueueUrl"
+        ]
+        yield LocalSqsQueue(endpoint, url, client)
     finally:
         server.stop()

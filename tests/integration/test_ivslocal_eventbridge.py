@@ -22,7 +22,12 @@ from services.ivslocal.config import Settings
 from services.monitor.events import parse_event
 from tests.integration.ivs_publisher import EmulatorPublisher
 from tests.integration.ivslocal_fixtures import AsyncIvsClient, running_ivslocal
-from tests.integration.monitor_fixtures import LocalSqsQueue, running_monitor, running_sqs_queue
+from tests.integration.monitor_fixtures import (
+    LocalSqsQueue,
+    new_queue_name,
+    running_monitor,
+    running_sqs_queue,
+)
 from tests.integration.system import running_system
 from tests.integration.test_monitor import stage_states, start_show
 from tests.integration.waiting import eventually
@@ -283,7 +288,8 @@ async def test_an_sqs_outage_is_logged_once_and_its_events_follow_when_sqs_is_ba
     caplog.set_level(logging.INFO, logger="services.ivslocal.eventbridge")
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    settings = emulator_settings(endpoint, f"{endpoint}/123456789012/ivs-stage-events")
+    queue_name = new_queue_name()
+    settings = emulator_settings(endpoint, f"{endpoint}/123456789012/{queue_name}")
     async with running_ivslocal(settings) as server:
         ivs = server.client(retries=False)
         source = (await ivs.create_stage(name="source"))["stage"]["arn"]
@@ -308,7 +314,7 @@ async def test_an_sqs_outage_is_logged_once_and_its_events_follow_when_sqs_is_ba
             await eventually(outage_warnings, what="the outage logged")
             await asyncio.sleep(1.0)  # a few retries later
 
-            with running_sqs_queue(port) as sqs:
+            with running_sqs_queue(port, queue_name) as sqs:
                 assert sqs.url == settings.events_sqs_queue_url
                 events = await received(sqs, 7)
                 await eventually(

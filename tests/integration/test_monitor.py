@@ -12,15 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from protos.fanout.v1 import allocator_pb2, common_pb2, stagemanager_pb2
 from services.ivslocal.config import Settings as IvsSettings
 from services.ivslocal.model import TokenRequest
-from tests.integration.monitor_fixtures import running_monitor
-from tests.integration.system import System, free_port, running_system
+from tests.integration.monitor_fixtures import running_monitor, running_sqs_queue
+from tests.integration.system import System, running_system
 from tests.integration.waiting import eventually
 
 LIVE, STANDBY = common_pb2.STAGE_STATE_LIVE, common_pb2.STAGE_STATE_STANDBY
@@ -28,6 +26,7 @@ LIVE, STANDBY = common_pb2.STAGE_STATE_LIVE, common_pb2.STAGE_STATE_STANDBY
 # prove the event path by the monitor's single pass; this is only well short of the next one, and
 # generous for a loaded machine (the long poll, moto's server and the reports share a CPU).
 EVENT_WITHIN_SECONDS = 20
+VISIBILITY_TIMEOUT_SECONDS = 10
 
 
 async def start_show(http: aiohttp.ClientSession, system: System) -> list[dict[str, Any]]:
@@ -248,23 +247,10 @@ async def test_a_report_target_that_is_down_costs_nothing_but_its_reports(tmp_pa
 
 @pytest.fixture
 def sqs_queue() -> Any:
-    """A real SQS API over HTTP on loopback (moto's server), with one empty queue."""
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.session.Session().client(
-        "sqs",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
-    )
-    url = client.create_queue(QueueName="ivs-stage-events")["QueueUrl"]
-    try:
-        yield endpoint, url, client
-    finally:
-        server.stop()
+    # A short visibility timeout, as the consumer's recovery from a failed delete is the message coming
+    # back and being judged a duplicate: within the test, not 30 s later.
+    with running_sqs_queue(visibility_timeout=VISIBILITY_TIMEOUT_SECONDS) as queue:
+        yield queue.endpoint, queue.url, queue.client
 
 
 def stage_event(
@@ -393,7 +379,11 @@ async def test_publish_events_from_sqs_refresh_the_stage_at_once(tmp_path: Path,
                     "ApproximateNumberOfMessagesNotVisible": "0",
                 }
 
-            await eventually(queue_empty, what="every message deleted, the malformed one included")
+            await eventually(
+                queue_empty,
+                what="every message deleted, the malformed one included",
+                within=VISIBILITY_TIMEOUT_SECONDS + 10,
+            )
             assert (monitor.metric("fanout_monitor_cycle_seconds_count") or 0) == 1
 
 
