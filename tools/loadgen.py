@@ -17,9 +17,11 @@ import aiohttp
 import uvloop
 
 from tools.bench_cpu import cpu_seconds_of_this_process
+from tools.lean_http import Done, LeanPostPool
 
 REQUEST_TIMEOUT_SECONDS = 10.0
 OPEN_LOOP_MAX_CONNECTIONS = 256
+SCHEDULER_TICK_SECONDS = 0.001
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
@@ -105,49 +107,80 @@ async def _closed_loop(job: ClosedLoopJob) -> LoadResult:
     return result
 
 
+class _OpenLoopAnswers:
+    """Counts the open loop's answers as they come; what is unanswered at the end timed out."""
+
+    def __init__(self, result: LoadResult, first_measured: int) -> None:
+        self._result = result
+        self._first_measured = first_measured
+        self._unanswered: dict[int, float] = {}  # index -> scheduled send time
+        self._finished = False
+        self._none_left = asyncio.Event()
+
+    def sent(self, index: int, scheduled: float) -> Done:
+        self._unanswered[index] = scheduled
+        if index >= self._first_measured:
+            self._result.max_in_flight = max(self._result.max_in_flight, len(self._unanswered))
+
+        def done(error: str | None) -> None:
+            if self._finished:
+                return
+            del self._unanswered[index]
+            self._count(index, scheduled, error)
+            if not self._unanswered:
+                self._none_left.set()
+
+        return done
+
+    async def wait(self, seconds: float) -> None:
+        """Waits up to `seconds` for every answer; counts the rest as timed out."""
+        self._none_left.clear()
+        if self._unanswered:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._none_left.wait(), seconds)
+        self._finished = True
+        for index, scheduled in self._unanswered.items():
+            self._count(index, scheduled, "TimeoutError")
+        self._unanswered.clear()
+
+    def _count(self, index: int, scheduled: float, error: str | None) -> None:
+        self._result.job_requests += 1
+        if index < self._first_measured:
+            return
+        if error is None:
+            self._result.latencies_ms.append((time.perf_counter() - scheduled) * 1000)
+        else:
+            self._result.errors[error] += 1
+
+
 async def _open_loop(job: OpenLoopJob) -> LoadResult:
     job_started, cpu_started = time.perf_counter(), cpu_seconds_of_this_process()
     result = LoadResult(window_seconds=job.seconds)
     interval = 1.0 / job.rate
     total = int((job.warmup + job.seconds) * job.rate)
     first_measured = int(job.warmup * job.rate)
-    in_flight = 0
-    async with _session(OPEN_LOOP_MAX_CONNECTIONS) as session:
-        start = time.perf_counter() + 0.01
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def one(index: int, scheduled: float) -> None:
-            nonlocal in_flight
-            in_flight += 1
+    answers = _OpenLoopAnswers(result, first_measured)
+    pool = LeanPostPool(job.url, OPEN_LOOP_MAX_CONNECTIONS)
+    start = time.perf_counter() + 0.01
+    index = 0
+    while index < total:
+        now = time.perf_counter()
+        due = start + index * interval
+        if due > now:
+            # Not below a millisecond: uvloop's timers count whole milliseconds, so a shorter sleep
+            # returns at once and the loop would spin. What is late by it is counted from its schedule.
+            await asyncio.sleep(max(due - now, SCHEDULER_TICK_SECONDS))
+            continue
+        # Everything already due goes now: a late scheduler sends a burst, as real clients would.
+        while index < total and (scheduled := start + index * interval) <= now:
             if index >= first_measured:
-                result.max_in_flight = max(result.max_in_flight, in_flight)
-            error = await _post_viewer(session, job.url, f"{job.id_prefix}-{index}")
-            in_flight -= 1
-            result.job_requests += 1
-            if index < first_measured:
-                return
-            if error is None:
-                result.latencies_ms.append((time.perf_counter() - scheduled) * 1000)
-            else:
-                result.errors[error] += 1
-
-        index = 0
-        while index < total:
-            now = time.perf_counter()
-            due = start + index * interval
-            if due > now:
-                await asyncio.sleep(due - now)
-                continue
-            # Everything already due goes now: a late scheduler sends a burst, as real clients would.
-            while index < total and (scheduled := start + index * interval) <= now:
-                if index >= first_measured:
-                    result.sent += 1
-                    result.send_lag_ms.append((now - scheduled) * 1000)
-                task = asyncio.create_task(one(index, scheduled))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                index += 1
-        await asyncio.gather(*tasks)
+                result.sent += 1
+                result.send_lag_ms.append((now - scheduled) * 1000)
+            body = b'{"userId":"' + f"{job.id_prefix}-{index}".encode("ascii") + b'"}'
+            pool.post(body, answers.sent(index, scheduled))
+            index += 1
+    await answers.wait(REQUEST_TIMEOUT_SECONDS)
+    pool.close()
     result.job_seconds = time.perf_counter() - job_started
     result.generator_cpu_seconds = cpu_seconds_of_this_process() - cpu_started
     return result

@@ -6,37 +6,11 @@ every fifth viewer with a 503, so the test knows exactly what wrk sent and what 
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import AsyncIterator
-
 import pytest
-from aiohttp import web
 
+from tests.integration.viewer_endpoint import recording_server
 from tools.loadgen import ClosedLoopJob
 from tools.wrk_load import WrkClosedLoop, WrkError, parse_report
-
-
-@contextlib.asynccontextmanager
-async def recording_server(seen: list[tuple[str, str]]) -> AsyncIterator[str]:
-    async def viewer(request: web.Request) -> web.Response:
-        user_id = json.loads(await request.read())["userId"]
-        seen.append((request.content_type, user_id))
-        if len(seen) % 5 == 0:
-            return web.json_response({"error": {"code": "no_capacity"}}, status=503)
-        return web.json_response({"token": "t", "userId": user_id})
-
-    app = web.Application()
-    app.router.add_post("/api/rooms/main/viewer-token", viewer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}/api/rooms/main/viewer-token"
-    finally:
-        await runner.cleanup()
 
 
 async def test_every_request_is_a_new_viewer_and_refusals_are_counted_as_errors() -> None:

@@ -1,0 +1,80 @@
+"""The bench's open loop: a fixed schedule of new viewers, each answer counted once, failures by name.
+
+The generator runs in its own process, as in `make bench`, against a stand-in endpoint on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from tests.integration.viewer_endpoint import recording_server
+from tests.ports import free_port
+from tools.loadgen import LoadGenerator, OpenLoopJob
+
+RATE = 400.0
+WARMUP, SECONDS = 0.5, 1.0
+
+
+async def test_every_scheduled_viewer_is_sent_once_and_answered_or_counted_as_an_error() -> None:
+    seen: list[tuple[str, str]] = []
+    generator = LoadGenerator()
+    try:
+        async with recording_server(seen) as url:
+            result = await generator.run(OpenLoopJob(url, RATE, WARMUP, SECONDS, "o400-test"))
+    finally:
+        generator.close()
+
+    scheduled = int((WARMUP + SECONDS) * RATE)
+    users = [user for _, user in seen]
+    assert sorted(users) == sorted(f"o400-test-{i}" for i in range(scheduled)), "a viewer lost or sent twice"
+    assert {content_type for content_type, _ in seen} == {"application/json"}
+    assert result.job_requests == scheduled
+    # The measured window: what was sent in it was answered, a 200 timed and a 503 counted by its status.
+    measured = scheduled - int(WARMUP * RATE)
+    assert result.sent == measured
+    assert len(result.latencies_ms) + sum(result.errors.values()) == measured
+    assert set(result.errors) == {"503"}
+    assert abs(result.errors["503"] - measured / 5) <= 2
+    assert all(latency > 0 for latency in result.latencies_ms)
+    assert 0 < result.max_in_flight < measured
+    assert result.generator_cpu_seconds > 0
+
+
+async def test_a_server_that_is_not_there_gives_named_errors_and_the_job_still_ends() -> None:
+    generator = LoadGenerator()
+    try:
+        url = f"http://127.0.0.1:{free_port()}/api/rooms/main/viewer-token"
+        result = await generator.run(OpenLoopJob(url, 100.0, 0.2, 0.5, "o100-test"))
+    finally:
+        generator.close()
+    assert not result.latencies_ms
+    assert set(result.errors) == {"ConnectionRefusedError"}
+    assert result.errors["ConnectionRefusedError"] == result.sent == 50
+
+
+async def test_a_server_that_closes_each_connection_after_its_answer_still_gets_every_viewer() -> None:
+    users: list[str] = []
+
+    async def viewer(request: web.Request) -> web.Response:
+        users.append(json.loads(await request.read())["userId"])
+        response = web.json_response({"token": "t"})
+        response.force_close()  # "Connection: close": the generator must open a new connection
+        return response
+
+    app = web.Application()
+    app.router.add_post("/viewer-token", viewer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    generator = LoadGenerator()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/viewer-token"
+        result = await generator.run(OpenLoopJob(url, 200.0, 0.2, 0.5, "o200-test"))
+    finally:
+        generator.close()
+        await runner.cleanup()
+    assert sorted(users) == sorted(f"o200-test-{i}" for i in range(140))
+    assert not result.errors
+    assert len(result.latencies_ms) == result.sent == 100
