@@ -95,15 +95,13 @@ async def start_allocator(
     ivs_client: Any,
     stagemanager_channel: grpc.aio.Channel,
     registry: CollectorRegistry,
-    store: LeaseStore | None = None,
+    store: LeaseStore,
 ) -> AllocatorService:
     """Serves at once (NOT_SERVING) and becomes SERVING with the first inventory snapshot (and, with
-    the Redis store, once Redis answers). Without `store`, opens the configured one."""
+    the Redis store, once Redis answers). `store` is the viewers' lease store (`open_store`)."""
     caller = IvsCaller(ivs_client, CallBudget(), IvsMetrics(registry))
     minter = await build_minter(settings, IvsTokenApi(caller))
     inventory = StageInventory()
-    if store is None:
-        store = open_store(settings)
     metrics = AllocatorMetrics(registry, settings.placement.soft_capacity, settings.placement.hard_limit)
     overflow = OverflowSeats(open_store(settings, OVERFLOW_SEAT))
     allocator = Allocator(inventory, store, minter, settings.placement, metrics, overflow)

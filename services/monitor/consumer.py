@@ -6,8 +6,7 @@ import asyncio
 import logging
 from typing import Protocol
 
-from botocore.exceptions import BotoCoreError, ClientError
-
+from services.common.errors import Unavailable
 from services.monitor.events import UNKNOWN_EVENT, EventGate, MalformedEvent, parse_event
 from services.monitor.metrics import MonitorMetrics
 from services.monitor.sqs import QueueMessage
@@ -18,6 +17,8 @@ MAX_BACKOFF_SECONDS = 30.0
 
 
 class Queue(Protocol):
+    """Raises Unavailable when the queue cannot be reached."""
+
     async def receive(self) -> list[QueueMessage]: ...
 
     async def delete(self, receipt_handles: list[str]) -> int: ...
@@ -44,10 +45,10 @@ class EventConsumer:
         while True:
             try:
                 messages = await self._queue.receive()
-            except (ClientError, BotoCoreError) as error:
+            except Unavailable as error:
                 if not self._down:
                     self._down = True
-                    log.warning("cannot read the IVS event queue (%s); polling goes on alone", error)
+                    log.warning("cannot read the IVS event queue (%s); polling goes on alone", error.message)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_SECONDS)
                 continue
@@ -64,9 +65,9 @@ class EventConsumer:
             self._metrics.events.labels(event_label, outcome).inc()
         try:
             failed = await self._queue.delete([m.receipt_handle for m in messages])
-        except (ClientError, BotoCoreError) as error:
+        except Unavailable as error:
             # They come back after the visibility timeout and are then duplicates.
-            log.warning("cannot delete %d IVS event(s) from the queue: %s", len(messages), error)
+            log.warning("cannot delete %d IVS event(s) from the queue: %s", len(messages), error.message)
             return
         if failed:
             log.warning("SQS did not delete %d IVS event(s); they will come back as duplicates", failed)

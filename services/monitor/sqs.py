@@ -9,6 +9,10 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from services.common.errors import Unavailable
+from services.common.ivs_calls import error_code
 
 MAX_MESSAGES = 10  # SQS's maximum per ReceiveMessage and per DeleteMessageBatch
 
@@ -22,6 +26,10 @@ def make_sqs_client(region: str, endpoint_url: str | None, local_credentials: bo
         kwargs["aws_access_key_id"] = "local"
         kwargs["aws_secret_access_key"] = "local"  # noqa: S105 - not a secret: a local queue's dummy
     return boto3.session.Session().client("sqs", **kwargs)
+
+
+def _operation(fn: Any) -> str:
+    return "".join(part.title() for part in getattr(fn, "__name__", "call").split("_"))
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,14 @@ class SqsQueue:
         return failed
 
     async def _run(self, fn: Any, **kwargs: Any) -> Any:
+        """Every failure comes out as Unavailable, with the error's code and never the queue's URL."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(**kwargs))
+        try:
+            return await loop.run_in_executor(self._pool, lambda: fn(**kwargs))
+        except ClientError as error:
+            raise Unavailable(f"SQS {_operation(fn)} failed: {error_code(error) or 'error'}") from error
+        except BotoCoreError as error:
+            raise Unavailable(f"SQS {_operation(fn)} failed: {type(error).__name__}") from error
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -20,7 +20,7 @@ from gateway.config import GatewaySettings
 from gateway.http_server import start_http_server
 from protos.fanout.v1 import allocator_pb2_grpc, stagemanager_pb2_grpc
 from services.allocator.config import read_settings as read_allocator_settings
-from services.allocator.server import AllocatorService, start_allocator
+from services.allocator.server import AllocatorService, open_store, start_allocator
 from services.common.ivs_calls import make_ivs_client
 from services.ivslocal.config import Settings as IvsSettings
 from services.stagemanager.config import read_settings as read_stagemanager_settings
@@ -147,7 +147,11 @@ async def start_allocator_for(
     settings = read_allocator_settings({**env, "FANOUT_STAGEMANAGER_ADDR": f"127.0.0.1:{stagemanager_port}"})
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{stagemanager_port}")
     service = await start_allocator(
-        settings, ivs_client(env["FANOUT_IVS_ENDPOINT"]), channel, registry or CollectorRegistry()
+        settings,
+        ivs_client(env["FANOUT_IVS_ENDPOINT"]),
+        channel,
+        registry or CollectorRegistry(),
+        open_store(settings),
     )
     service.tasks.append(_close_on_cancel(channel))
     return service

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import socket
 import time
 import uuid
@@ -17,9 +19,11 @@ import pytest
 from protos.fanout.v1 import allocator_pb2, common_pb2, stagemanager_pb2
 from services.ivslocal.config import Settings as IvsSettings
 from services.ivslocal.model import TokenRequest
-from tests.integration.monitor_fixtures import running_monitor, running_sqs_queue
+from services.monitor.consumer import MAX_BACKOFF_SECONDS
+from tests.integration.monitor_fixtures import new_queue_name, running_monitor, running_sqs_queue
 from tests.integration.system import System, running_system
 from tests.integration.waiting import eventually
+from tests.ports import free_port
 
 LIVE, STANDBY = common_pb2.STAGE_STATE_LIVE, common_pb2.STAGE_STATE_STANDBY
 # How long an event may take to reach the Stage's state. Whatever it is, the tests that poll once a minute
@@ -498,3 +502,61 @@ async def test_replication_events_from_sqs_check_the_destination_stage_at_once(
             assert events("participant_replication_started", "handled") == 1
             assert await stage_states(system) == [LIVE, STANDBY]
             assert (monitor.metric("fanout_monitor_cycle_seconds_count") or 0) == 1
+
+
+async def test_with_the_queue_gone_the_monitor_polls_on_and_reads_events_again_when_it_is_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="services.monitor.consumer")
+    port = free_port()
+    name = new_queue_name()
+
+    def consumer_logs(level: int) -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "services.monitor.consumer" and r.levelno == level
+        ]
+
+    async with (
+        contextlib.AsyncExitStack() as sqs,
+        running_system(tmp_path) as system,
+        aiohttp.ClientSession() as http,
+    ):
+        queue = sqs.enter_context(running_sqs_queue(port, name))
+        (token,) = await start_show(http, system)
+        arn = token["stageArn"]
+        async with running_monitor(
+            system,
+            FANOUT_MONITOR_INTERVAL_SECONDS="60",
+            FANOUT_MONITOR_SQS_QUEUE_URL=queue.url,
+            FANOUT_MONITOR_SQS_ENDPOINT=queue.endpoint,
+            FANOUT_MONITOR_SQS_WAIT_SECONDS="1",
+        ) as monitor:
+            assert await stage_states(system) == [STANDBY]
+            await sqs.aclose()  # SQS vanishes: its port refuses connections
+            await eventually(lambda: consumer_logs(logging.WARNING), what="the outage logged")
+            assert await monitor.serving(), "the queue is an accelerator: the monitor serves without it"
+            warning = consumer_logs(logging.WARNING)[0]
+            assert "polling goes on alone" in warning
+            assert queue.url not in warning and "Traceback" not in caplog.text
+
+            # SQS is back with the same queue; the next event reaches the Stage without a polling pass.
+            with running_sqs_queue(port, name) as back:
+                publisher = system.ivs.state.connect_participant(token["token"])
+                system.ivs.state.set_published(arn, publisher.participant_id, True)
+                await asyncio.to_thread(
+                    back.client.send_message,
+                    QueueUrl=back.url,
+                    MessageBody=stage_event(
+                        arn, "Participant Published", publisher.participant_id, datetime.now(UTC)
+                    ),
+                )
+                await eventually(
+                    lambda: _states_are(system, [LIVE]),
+                    what="LIVE through the event path once SQS is back",
+                    within=EVENT_WITHIN_SECONDS + MAX_BACKOFF_SECONDS,
+                )
+                assert any("again" in line for line in consumer_logs(logging.INFO))
+                assert len(consumer_logs(logging.WARNING)) == 1, "the outage is logged once"
+                assert (monitor.metric("fanout_monitor_cycle_seconds_count") or 0) == 1
