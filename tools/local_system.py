@@ -70,6 +70,8 @@ def child_environment(base: dict[str, str], ports: Ports) -> dict[str, str]:
     """One consistent set of addresses for every process; anything the user exported wins elsewhere."""
     env = dict(base)
     env.setdefault("FANOUT_MODE", "local")
+    # Metrics on loopback too, as every other port here; Kubernetes keeps the all-interfaces default.
+    env.setdefault("FANOUT_METRICS_HOST", HOST)
     env.update(
         {
             "FANOUT_GATEWAY_PORT": str(ports.gateway),

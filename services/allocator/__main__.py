@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import grpc
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from services.allocator.config import read_settings
 from services.allocator.server import open_store, start_allocator
@@ -17,6 +17,7 @@ from services.common.lifecycle import (
     wait_for_stop_signal,
 )
 from services.common.logs import configure_logging
+from services.common.metrics_endpoint import serve_metrics
 
 log = logging.getLogger("services.allocator")
 
@@ -28,8 +29,7 @@ async def main() -> None:
     ivs_client = make_ivs_client(
         settings.ivs.region, settings.ivs.endpoint_url, settings.ivs.local_credentials
     )
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="0.0.0.0", registry=registry)
+    serve_metrics(settings.metrics_host, settings.metrics_port, registry)
     channel = grpc.aio.insecure_channel(settings.stagemanager_addr)
     service = await start_allocator(settings, ivs_client, channel, registry, open_store(settings))
     freeze_startup_heap()

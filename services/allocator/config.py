@@ -11,6 +11,7 @@ from services.common.capacity import read_capacity_limits
 from services.common.env import ConfigError, Env
 from services.common.ids import CLUSTER_ID_PATTERN, GRPC_ADDRESS_PATTERN
 from services.common.ivs_settings import IvsSettings, read_ivs_settings
+from services.common.metrics_endpoint import read_metrics_host
 from services.common.redis_urls import LOCAL_REDIS_URL, REDIS_URL_PATTERN
 
 TWO_WEEKS = 20160 * 60
@@ -20,6 +21,7 @@ TWO_WEEKS = 20160 * 60
 class AllocatorSettings:
     listen: str
     metrics_port: int
+    metrics_host: str
     stagemanager_addr: str
     ivs: IvsSettings
     placement: PlacementSettings
@@ -59,6 +61,7 @@ def read_settings(environ: Mapping[str, str]) -> AllocatorSettings:
     return AllocatorSettings(
         listen=env.str("FANOUT_ALLOCATOR_LISTEN", "127.0.0.1:50062", pattern=GRPC_ADDRESS_PATTERN),
         metrics_port=env.int("FANOUT_ALLOCATOR_METRICS_PORT", 9462, minimum=0, maximum=65535),
+        metrics_host=read_metrics_host(env),
         stagemanager_addr=env.str(
             "FANOUT_STAGEMANAGER_ADDR", "127.0.0.1:50061", pattern=GRPC_ADDRESS_PATTERN
         ),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import grpc
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from services.common.ivs_calls import make_ivs_client
 from services.common.lifecycle import (
@@ -15,6 +15,7 @@ from services.common.lifecycle import (
     wait_for_stop_signal,
 )
 from services.common.logs import configure_logging
+from services.common.metrics_endpoint import serve_metrics
 from services.monitor.config import read_settings
 from services.monitor.server import start_monitor
 from services.monitor.sqs import make_sqs_client
@@ -36,8 +37,7 @@ async def main() -> None:
             settings.sqs.endpoint_url,
             local_credentials=settings.ivs.local_credentials and settings.sqs.endpoint_url is not None,
         )
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="0.0.0.0", registry=registry)
+    serve_metrics(settings.metrics_host, settings.metrics_port, registry)
     allocator_channel = grpc.aio.insecure_channel(settings.allocator_addr)
     stagemanager_channel = grpc.aio.insecure_channel(settings.stagemanager_addr)
     service = await start_monitor(

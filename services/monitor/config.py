@@ -9,6 +9,7 @@ from services.common.env import Env
 from services.common.ids import CLUSTER_ID_PATTERN, GRPC_ADDRESS_PATTERN
 from services.common.ivs_quotas import OPERATION_RATES
 from services.common.ivs_settings import IvsSettings, read_ivs_settings
+from services.common.metrics_endpoint import read_metrics_host
 
 # IVS allows 5 calls/s for each Stage operation the monitor uses (ivs-facts §3); it may use less.
 MAX_STAGE_TPS = OPERATION_RATES["ListParticipants"]
@@ -27,6 +28,7 @@ class SqsSettings:
 class MonitorSettings:
     listen: str
     metrics_port: int
+    metrics_host: str
     allocator_addr: str
     stagemanager_addr: str
     cluster_id: str
@@ -61,6 +63,7 @@ def read_settings(environ: Mapping[str, str]) -> MonitorSettings:
     return MonitorSettings(
         listen=env.str("FANOUT_MONITOR_LISTEN", "127.0.0.1:50063", pattern=GRPC_ADDRESS_PATTERN),
         metrics_port=env.int("FANOUT_MONITOR_METRICS_PORT", 9463, minimum=0, maximum=65535),
+        metrics_host=read_metrics_host(env),
         allocator_addr=env.str("FANOUT_ALLOCATOR_ADDR", "127.0.0.1:50062", pattern=GRPC_ADDRESS_PATTERN),
         stagemanager_addr=env.str(
             "FANOUT_STAGEMANAGER_ADDR", "127.0.0.1:50061", pattern=GRPC_ADDRESS_PATTERN

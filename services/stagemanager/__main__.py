@@ -7,7 +7,7 @@ import logging
 import os
 
 import grpc
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from services.common.ivs_calls import make_ivs_client
 from services.common.lifecycle import (
@@ -17,6 +17,7 @@ from services.common.lifecycle import (
     wait_for_stop_signal,
 )
 from services.common.logs import configure_logging
+from services.common.metrics_endpoint import serve_metrics
 from services.stagemanager.config import read_settings
 from services.stagemanager.server import start_stage_manager
 
@@ -33,8 +34,7 @@ async def main() -> None:
     channel_client = make_ivs_client(
         settings.ivs.region, settings.channel_endpoint_url, settings.ivs.local_credentials, service="ivs"
     )
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="0.0.0.0", registry=registry)
+    serve_metrics(settings.metrics_host, settings.metrics_port, registry)
     allocator_channel = grpc.aio.insecure_channel(settings.allocator_addr)
     service = await start_stage_manager(settings, ivs_client, channel_client, allocator_channel, registry)
     freeze_startup_heap()

@@ -9,6 +9,7 @@ from services.common.capacity import read_capacity_limits
 from services.common.env import ConfigError, Env
 from services.common.ids import CLUSTER_ID_PATTERN, GRPC_ADDRESS_PATTERN
 from services.common.ivs_settings import IvsSettings, read_ivs_settings
+from services.common.metrics_endpoint import read_metrics_host
 from services.common.redis_urls import LOCAL_REDIS_URL, REDIS_URL_PATTERN
 from services.stagemanager.autoscaler import AutoscalerSettings
 from services.stagemanager.overflow import MODES, OverflowSettings
@@ -35,6 +36,7 @@ LOCAL_IVS_CHANNEL_ENDPOINT = "http://127.0.0.1:8098"
 class StageManagerSettings:
     listen: str
     metrics_port: int
+    metrics_host: str
     ivs: IvsSettings
     rooms: RoomSettings
     autoscaler: AutoscalerSettings
@@ -124,6 +126,7 @@ def read_settings(environ: Mapping[str, str]) -> StageManagerSettings:
         channel_endpoint_url=channel_endpoint,
         listen=listen,
         metrics_port=env.int("FANOUT_STAGEMANAGER_METRICS_PORT", 9461, minimum=0, maximum=65535),
+        metrics_host=read_metrics_host(env),
         ivs=ivs,
         rooms=RoomSettings(
             cluster_id=env.str("FANOUT_CLUSTER_ID", "local", pattern=CLUSTER_ID_PATTERN),

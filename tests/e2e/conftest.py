@@ -35,6 +35,8 @@ class RunningSystem:
     publisher_key: str
     log_path: Path
     ivslocal_url: str
+    # The gRPC services' Prometheus endpoints: stagemanager, allocator, monitor.
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     def ivs(self) -> Any:
         """A boto3 ivs-realtime client for the system's IVS emulator."""
@@ -68,6 +70,7 @@ def start_system(state_dir: Path, **settings: str) -> Iterator[RunningSystem]:
     log_path = state_dir / "system.log"
     gateway_port = free_port()
     ivslocal_port = free_port()
+    metrics_ports = {service: free_port() for service in ("stagemanager", "allocator", "monitor")}
     # Local mode unless a module asks for AWS settings itself: an AWS region in the developer's shell
     # would otherwise switch every service to AWS mode (read_mode).
     inherited = {k: v for k, v in os.environ.items() if k not in ("AWS_REGION", "AWS_DEFAULT_REGION")}
@@ -80,9 +83,7 @@ def start_system(state_dir: Path, **settings: str) -> Iterator[RunningSystem]:
         "FANOUT_STAGEMANAGER_PORT": str(free_port()),
         "FANOUT_ALLOCATOR_PORT": str(free_port()),
         "FANOUT_MONITOR_PORT": str(free_port()),
-        "FANOUT_STAGEMANAGER_METRICS_PORT": str(free_port()),
-        "FANOUT_ALLOCATOR_METRICS_PORT": str(free_port()),
-        "FANOUT_MONITOR_METRICS_PORT": str(free_port()),
+        **{f"FANOUT_{service.upper()}_METRICS_PORT": str(port) for service, port in metrics_ports.items()},
         "FANOUT_VIEWER_LEASE_SECONDS": "30",
         # The overflow tier composes every live room into HLS in the emulator (real media, CPU): only
         # the modules about it turn it on.
@@ -94,7 +95,11 @@ def start_system(state_dir: Path, **settings: str) -> Iterator[RunningSystem]:
             [sys.executable, "-m", "tools.run_local"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
         )
     system = RunningSystem(
-        f"http://127.0.0.1:{gateway_port}", PUBLISHER_KEY, log_path, f"http://127.0.0.1:{ivslocal_port}"
+        f"http://127.0.0.1:{gateway_port}",
+        PUBLISHER_KEY,
+        log_path,
+        f"http://127.0.0.1:{ivslocal_port}",
+        metrics_ports,
     )
     try:
         deadline = time.monotonic() + 60

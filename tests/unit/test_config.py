@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,6 +12,7 @@ from gateway.config import GatewaySettings
 from services.allocator.config import read_settings as read_allocator
 from services.common.env import ConfigError
 from services.common.ivs_settings import read_ivs_settings, read_mode
+from services.monitor.config import read_settings as read_monitor
 from services.stagemanager.config import read_settings as read_stagemanager
 
 
@@ -90,6 +92,16 @@ def test_defaults_are_the_designs() -> None:
     assert allocator.self_signed and allocator.signing_key_file is not None
     assert stagemanager.rooms.min_stages == 1
     assert stagemanager.rooms.cluster_id == "local"
+
+
+@pytest.mark.parametrize("read", [read_allocator, read_stagemanager, read_monitor])
+def test_every_service_serves_metrics_where_fanout_metrics_host_says(read: Any) -> None:
+    # All interfaces unless told: Prometheus scrapes a pod by its IP.
+    assert read({}).metrics_host == "0.0.0.0"
+    assert read({"FANOUT_METRICS_HOST": "127.0.0.1"}).metrics_host == "127.0.0.1"
+    assert read({"FANOUT_METRICS_HOST": "::1"}).metrics_host == "::1"
+    with pytest.raises(ConfigError, match="FANOUT_METRICS_HOST"):
+        read({"FANOUT_METRICS_HOST": "127.0.0.1 ; rm"})
 
 
 def test_the_stage_manager_shares_its_state_only_when_told() -> None:
