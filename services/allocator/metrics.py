@@ -8,8 +8,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.ids import stage_id
 
-ASSIGNMENT_RESULTS = ("placed", "sticky", "overflow", "refused", "not_found")
-
 
 class AllocatorMetrics:
     def __init__(self, registry: CollectorRegistry, soft_capacity: int, hard_limit: int) -> None:

@@ -41,11 +41,6 @@ class NotFound(FanoutError):
     default_code = "not_found"
 
 
-class FailedPrecondition(FanoutError):
-    kind = ErrorKind.FAILED_PRECONDITION
-    default_code = "failed_precondition"
-
-
 class NoCapacity(FanoutError):
     """Nothing can take the request now; retry_after says when trying again makes sense."""
 

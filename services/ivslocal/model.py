@@ -82,9 +82,6 @@ class Capabilities:
     publish: bool
     subscribe: bool
 
-    def as_list(self) -> list[str]:
-        return [name for name, on in (("PUBLISH", self.publish), ("SUBSCRIBE", self.subscribe)) if on]
-
 
 @dataclass
 class PublicKey:
