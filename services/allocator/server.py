@@ -20,8 +20,7 @@ from services.allocator.overflow_seats import OVERFLOW_SEAT, OverflowSeats
 from services.allocator.redis_store import open_redis_store
 from services.allocator.servicer import SERVICE_NAME, AllocatorServicer
 from services.allocator.signing_key import load_or_create_private_key, load_private_key
-from services.allocator.store import LeaseStore, MemoryLeaseStore
-from services.allocator.store_guard import GuardedLeaseStore
+from services.allocator.store import LeaseStore, MemoryLeaseStore, WatchedLeaseStore
 from services.allocator.tokens import ApiMinter, SelfSignedMinter, TokenMinter
 from services.allocator.watcher import InventoryWatcher
 from services.common.errors import FanoutError, Unavailable
@@ -81,7 +80,7 @@ async def build_minter(settings: AllocatorSettings, token_api: IvsTokenApi) -> T
     return SelfSignedMinter(key, kid)
 
 
-def open_store(settings: AllocatorSettings, tier: str = "") -> LeaseStore:
+def open_store(settings: AllocatorSettings, tier: str = "") -> WatchedLeaseStore:
     """The configured lease store; a Redis client is created only for the Redis store. With `tier`,
     the store of that tier's seats, in a namespace of its own (overflow_seats.py)."""
     if settings.store == "redis" and settings.redis_url:
@@ -95,7 +94,7 @@ async def start_allocator(
     ivs_client: Any,
     stagemanager_channel: grpc.aio.Channel,
     registry: CollectorRegistry,
-    store: LeaseStore,
+    store: WatchedLeaseStore,
 ) -> AllocatorService:
     """Serves at once (NOT_SERVING) and becomes SERVING with the first inventory snapshot (and, with
     the Redis store, once Redis answers). `store` is the viewers' lease store (`open_store`)."""
@@ -128,15 +127,10 @@ async def start_allocator(
 
 
 async def _serve_when_ready(
-    watcher: InventoryWatcher, server: GrpcServer, store: LeaseStore, metrics: AllocatorMetrics
+    watcher: InventoryWatcher, server: GrpcServer, store: WatchedLeaseStore, metrics: AllocatorMetrics
 ) -> None:
     """SERVING once the inventory is in and while the lease store answers: without either no viewer
     can be placed. The store's health is followed (and exported) from the start."""
-    if not isinstance(store, GuardedLeaseStore):
-        metrics.store_up.set(1)
-        await watcher.ready.wait()
-        await server.set_serving(True)
-        return
     store_up = False
 
     async def follow_store(healthy: bool) -> None:
@@ -149,7 +143,7 @@ async def _serve_when_ready(
     try:
         await watcher.ready.wait()
         await server.set_serving(store_up)
-        await watching
+        await watching  # the in-process store's watch ends at once: it is never down
     finally:
         watching.cancel()
 

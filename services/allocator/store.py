@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, deque
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -103,6 +103,18 @@ class LeaseStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+# Told True while the store answers and False during an outage: the allocator's readiness follows it.
+HealthListener = Callable[[bool], Awaitable[None]]
+
+
+class WatchedLeaseStore(LeaseStore, Protocol):
+    """A lease store that also reports its own health: what the allocator is given."""
+
+    async def watch(self, on_health: HealthListener) -> None:
+        """Tells `on_health` the store's state first, then every change, for as long as it runs."""
+        ...
 
 
 # A live lease as the memory store keeps it: (stage ARN, expires_at). A plain tuple of a str and a float
@@ -259,6 +271,10 @@ class MemoryLeaseStore:
 
     async def ping(self) -> None:
         """Always answers: it lives in this process."""
+
+    async def watch(self, on_health: HealthListener) -> None:
+        """Healthy from the start and for good: it lives in this process."""
+        await on_health(True)
 
     async def close(self) -> None:
         """Nothing to release: the leases die with the process."""

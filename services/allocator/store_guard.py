@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TypeVar
 
 from services.allocator.placement import Candidate
-from services.allocator.store import Assignment, Lease, LeaseStore
+from services.allocator.store import Assignment, HealthListener, Lease, LeaseStore
 from services.common.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class GuardedLeaseStore:
             self._probe_now.set()
             raise self._unavailable() from None
 
-    async def watch(self, on_health: Callable[[bool], Awaitable[None]]) -> None:
+    async def watch(self, on_health: HealthListener) -> None:
         """Probes the backend forever; tells `on_health` the state first and then every change."""
         reported: bool | None = None
         while True:
