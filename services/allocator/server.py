@@ -48,6 +48,8 @@ class AllocatorService:
         return self.grpc.port
 
     async def stop(self, grace: float) -> None:
+        # gRPC first: the requests in flight are answered while the inventory watcher and the reaper
+        # still run, so they are placed on current Stages. The stage manager stops the other way round.
         await self.grpc.stop(grace)
         await cancel_and_wait(self.tasks)
         await self.store.close()

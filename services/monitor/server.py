@@ -42,6 +42,8 @@ class MonitorService:
         return self.grpc.port
 
     async def stop(self, grace: float) -> None:
+        # gRPC (health only) first, so a probe sees it going while its polling ends; nothing it does is
+        # lost when a pass is cut short: the next monitor's first pass sees the same IVS.
         await self.grpc.stop(grace)
         await cancel_and_wait(self.tasks)
         self.caller.close()

@@ -67,6 +67,9 @@ class StageManagerService:
         return self.grpc.port
 
     async def stop(self, grace: float) -> None:
+        # Its tasks first: the autoscaler, replicator and overflow stop acting on IVS and the lease is
+        # handed over before gRPC drains, so a successor can take over at once instead of after the
+        # drain. The allocator and the monitor drain gRPC first (their tasks keep answers current).
         await cancel_and_wait(self.tasks)
         if self.lease is not None and not self.must_exit.is_set():
             await self.lease.release()
