@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -82,6 +83,20 @@ class LocalSqsQueue:
     endpoint: str
     url: str
     client: Any
+
+    async def send(self, body: str) -> None:
+        await asyncio.to_thread(self.client.send_message, QueueUrl=self.url, MessageBody=body)
+
+
+def reading_events_from(queue: LocalSqsQueue) -> dict[str, str]:
+    """Monitor settings: events from `queue`, and a polling pass only once a minute, so whatever happens
+    within a test reaches the Stages through the events."""
+    return {
+        "FANOUT_MONITOR_INTERVAL_SECONDS": "60",
+        "FANOUT_MONITOR_SQS_QUEUE_URL": queue.url,
+        "FANOUT_MONITOR_SQS_ENDPOINT": queue.endpoint,
+        "FANOUT_MONITOR_SQS_WAIT_SECONDS": "1",
+    }
 
 
 def new_queue_name() -> str:

@@ -25,6 +25,7 @@ from tests.integration.ivslocal_fixtures import AsyncIvsClient, running_ivslocal
 from tests.integration.monitor_fixtures import (
     LocalSqsQueue,
     new_queue_name,
+    reading_events_from,
     running_monitor,
     running_sqs_queue,
 )
@@ -201,13 +202,9 @@ async def test_the_monitor_checks_the_destination_at_once_on_the_emulators_repli
         token, other = await start_show(http, system)
         source, destination = token["stageArn"], other["stageArn"]
         ivs = system.ivs.client()
-        # Polling only once a minute: what the Stages become within the test comes through the events.
         async with running_monitor(
             system,
-            FANOUT_MONITOR_INTERVAL_SECONDS="60",
-            FANOUT_MONITOR_SQS_QUEUE_URL=sqs.url,
-            FANOUT_MONITOR_SQS_ENDPOINT=sqs.endpoint,
-            FANOUT_MONITOR_SQS_WAIT_SECONDS="1",
+            **reading_events_from(sqs),
         ) as monitor:
 
             def handled(event: str) -> float:

@@ -9,6 +9,7 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,13 @@ from protos.fanout.v1 import allocator_pb2, common_pb2, stagemanager_pb2
 from services.ivslocal.config import Settings as IvsSettings
 from services.ivslocal.model import TokenRequest
 from services.monitor.consumer import MAX_BACKOFF_SECONDS
-from tests.integration.monitor_fixtures import new_queue_name, running_monitor, running_sqs_queue
+from tests.integration.monitor_fixtures import (
+    LocalSqsQueue,
+    new_queue_name,
+    reading_events_from,
+    running_monitor,
+    running_sqs_queue,
+)
 from tests.integration.system import System, running_system
 from tests.integration.waiting import eventually
 from tests.ports import free_port
@@ -250,11 +257,11 @@ async def test_a_report_target_that_is_down_costs_nothing_but_its_reports(tmp_pa
 
 
 @pytest.fixture
-def sqs_queue() -> Any:
+def sqs_queue() -> Iterator[LocalSqsQueue]:
     # A short visibility timeout, as the consumer's recovery from a failed delete is the message coming
     # back and being judged a duplicate: within the test, not 30 s later.
     with running_sqs_queue(visibility_timeout=VISIBILITY_TIMEOUT_SECONDS) as queue:
-        yield queue.endpoint, queue.url, queue.client
+        yield queue
 
 
 def stage_event(
@@ -287,11 +294,10 @@ def stage_event(
     )
 
 
-async def test_publish_events_from_sqs_refresh_the_stage_at_once(tmp_path: Path, sqs_queue: Any) -> None:
-    endpoint, url, sqs = sqs_queue
-
-    async def send(body: str) -> None:
-        await asyncio.to_thread(sqs.send_message, QueueUrl=url, MessageBody=body)
+async def test_publish_events_from_sqs_refresh_the_stage_at_once(
+    tmp_path: Path, sqs_queue: LocalSqsQueue
+) -> None:
+    send = sqs_queue.send
 
     async with (
         running_system(tmp_path, FANOUT_PUBLISHER_GRACE_SECONDS="1") as system,
@@ -299,13 +305,9 @@ async def test_publish_events_from_sqs_refresh_the_stage_at_once(tmp_path: Path,
     ):
         (token,) = await start_show(http, system)
         arn = token["stageArn"]
-        # Polling only once a minute: whatever happens within the test comes through the events.
         async with running_monitor(
             system,
-            FANOUT_MONITOR_INTERVAL_SECONDS="60",
-            FANOUT_MONITOR_SQS_QUEUE_URL=url,
-            FANOUT_MONITOR_SQS_ENDPOINT=endpoint,
-            FANOUT_MONITOR_SQS_WAIT_SECONDS="1",
+            **reading_events_from(sqs_queue),
         ) as monitor:
 
             def events(event: str, outcome: str) -> float:
@@ -370,8 +372,8 @@ async def test_publish_events_from_sqs_refresh_the_stage_at_once(tmp_path: Path,
             async def queue_empty() -> bool:
                 attributes = (
                     await asyncio.to_thread(
-                        sqs.get_queue_attributes,
-                        QueueUrl=url,
+                        sqs_queue.client.get_queue_attributes,
+                        QueueUrl=sqs_queue.url,
                         AttributeNames=[
                             "ApproximateNumberOfMessages",
                             "ApproximateNumberOfMessagesNotVisible",
@@ -392,12 +394,9 @@ async def test_publish_events_from_sqs_refresh_the_stage_at_once(tmp_path: Path,
 
 
 async def test_replication_events_from_sqs_check_the_destination_stage_at_once(
-    tmp_path: Path, sqs_queue: Any
+    tmp_path: Path, sqs_queue: LocalSqsQueue
 ) -> None:
-    endpoint, url, sqs = sqs_queue
-
-    async def send(body: str) -> None:
-        await asyncio.to_thread(sqs.send_message, QueueUrl=url, MessageBody=body)
+    send = sqs_queue.send
 
     async with (
         running_system(tmp_path, FANOUT_MIN_STAGES="2", FANOUT_PUBLISHER_GRACE_SECONDS="1") as system,
@@ -409,13 +408,9 @@ async def test_replication_events_from_sqs_check_the_destination_stage_at_once(
         system.ivs.state.set_published(source, publisher.participant_id, True)
         destination_id = destination.rsplit("/", 1)[1]
 
-        # Polling only once a minute: whatever happens within the test comes through the events.
         async with running_monitor(
             system,
-            FANOUT_MONITOR_INTERVAL_SECONDS="60",
-            FANOUT_MONITOR_SQS_QUEUE_URL=url,
-            FANOUT_MONITOR_SQS_ENDPOINT=endpoint,
-            FANOUT_MONITOR_SQS_WAIT_SECONDS="1",
+            **reading_events_from(sqs_queue),
         ) as monitor:
 
             def events(event: str, outcome: str) -> float:
@@ -528,10 +523,7 @@ async def test_with_the_queue_gone_the_monitor_polls_on_and_reads_events_again_w
         arn = token["stageArn"]
         async with running_monitor(
             system,
-            FANOUT_MONITOR_INTERVAL_SECONDS="60",
-            FANOUT_MONITOR_SQS_QUEUE_URL=queue.url,
-            FANOUT_MONITOR_SQS_ENDPOINT=queue.endpoint,
-            FANOUT_MONITOR_SQS_WAIT_SECONDS="1",
+            **reading_events_from(queue),
         ) as monitor:
             assert await stage_states(system) == [STANDBY]
             await sqs.aclose()  # SQS vanishes: its port refuses connections
@@ -545,12 +537,8 @@ async def test_with_the_queue_gone_the_monitor_polls_on_and_reads_events_again_w
             with running_sqs_queue(port, name) as back:
                 publisher = system.ivs.state.connect_participant(token["token"])
                 system.ivs.state.set_published(arn, publisher.participant_id, True)
-                await asyncio.to_thread(
-                    back.client.send_message,
-                    QueueUrl=back.url,
-                    MessageBody=stage_event(
-                        arn, "Participant Published", publisher.participant_id, datetime.now(UTC)
-                    ),
+                await back.send(
+                    stage_event(arn, "Participant Published", publisher.participant_id, datetime.now(UTC))
                 )
                 await eventually(
                     lambda: _states_are(system, [LIVE]),

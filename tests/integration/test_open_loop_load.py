@@ -11,20 +11,25 @@ from aiohttp import web
 
 from tests.integration.viewer_endpoint import recording_server
 from tests.ports import free_port
-from tools.loadgen import LoadGenerator, OpenLoopJob
+from tools.loadgen import LoadGenerator, LoadResult, OpenLoopJob
 
 RATE = 400.0
 WARMUP, SECONDS = 0.5, 1.0
 
 
-async def test_every_scheduled_viewer_is_sent_once_and_answered_or_counted_as_an_error() -> None:
-    seen: list[tuple[str, str]] = []
+async def run_open_loop(job: OpenLoopJob) -> LoadResult:
+    """The job in a generator process of its own, as `make bench` runs it."""
     generator = LoadGenerator()
     try:
-        async with recording_server(seen) as url:
-            result = await generator.run(OpenLoopJob(url, RATE, WARMUP, SECONDS, "o400-test"))
+        return await generator.run(job)
     finally:
         generator.close()
+
+
+async def test_every_scheduled_viewer_is_sent_once_and_answered_or_counted_as_an_error() -> None:
+    seen: list[tuple[str, str]] = []
+    async with recording_server(seen) as url:
+        result = await run_open_loop(OpenLoopJob(url, RATE, WARMUP, SECONDS, "o400-test"))
 
     scheduled = int((WARMUP + SECONDS) * RATE)
     users = [user for _, user in seen]
@@ -43,12 +48,8 @@ async def test_every_scheduled_viewer_is_sent_once_and_answered_or_counted_as_an
 
 
 async def test_a_server_that_is_not_there_gives_named_errors_and_the_job_still_ends() -> None:
-    generator = LoadGenerator()
-    try:
-        url = f"http://127.0.0.1:{free_port()}/api/rooms/main/viewer-token"
-        result = await generator.run(OpenLoopJob(url, 100.0, 0.2, 0.5, "o100-test"))
-    finally:
-        generator.close()
+    url = f"http://127.0.0.1:{free_port()}/api/rooms/main/viewer-token"
+    result = await run_open_loop(OpenLoopJob(url, 100.0, 0.2, 0.5, "o100-test"))
     assert not result.latencies_ms
     assert set(result.errors) == {"ConnectionRefusedError"}
     assert result.errors["ConnectionRefusedError"] == result.sent == 50
@@ -68,12 +69,10 @@ async def test_a_server_that_closes_each_connection_after_its_answer_still_gets_
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
-    generator = LoadGenerator()
     try:
         url = f"http://127.0.0.1:{runner.addresses[0][1]}/viewer-token"
-        result = await generator.run(OpenLoopJob(url, 200.0, 0.2, 0.5, "o200-test"))
+        result = await run_open_loop(OpenLoopJob(url, 200.0, 0.2, 0.5, "o200-test"))
     finally:
-        generator.close()
         await runner.cleanup()
     assert sorted(users) == sorted(f"o200-test-{i}" for i in range(140))
     assert not result.errors
