@@ -13,7 +13,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import aiohttp
 import uvloop
 
 from tools.bench_cpu import cpu_seconds_of_this_process
@@ -22,7 +21,6 @@ from tools.lean_http import Done, LeanPostPool
 REQUEST_TIMEOUT_SECONDS = 10.0
 OPEN_LOOP_MAX_CONNECTIONS = 256
 SCHEDULER_TICK_SECONDS = 0.001
-JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -60,48 +58,46 @@ class LoadResult:
     max_in_flight: int = 0
 
 
-async def _post_viewer(session: aiohttp.ClientSession, url: str, user_id: str) -> str | None:
-    """None on 200, else a short reason (the status, or the exception's name)."""
-    body = b'{"userId":"' + user_id.encode("ascii") + b'"}'
-    try:
-        async with session.post(url, data=body, headers=JSON_HEADERS) as response:
-            await response.read()
-            return None if response.status == 200 else str(response.status)
-    except (aiohttp.ClientError, TimeoutError) as error:
-        return type(error).__name__
-
-
-def _session(connections: int) -> aiohttp.ClientSession:
-    # Keep-alive is aiohttp's default; the pool is the concurrency, so no request waits for a socket.
-    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
-    # No cookie jar: the gateway sets no cookies, and the jar costs CPU on every request.
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS),
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
+def viewer_body(user_id: str) -> bytes:
+    """The viewer-token request's JSON body."""
+    return b'{"userId":"' + user_id.encode("ascii") + b'"}'
 
 
 async def _closed_loop(job: ClosedLoopJob) -> LoadResult:
     job_started, cpu_started = time.perf_counter(), cpu_seconds_of_this_process()
     result = LoadResult(window_seconds=job.seconds)
-    async with _session(job.concurrency) as session:
-        window_start = time.perf_counter() + job.warmup
-        window_end = window_start + job.seconds
-        sequence = itertools.count()
+    # A connection per user, as each has one request at a time.
+    pool = LeanPostPool(job.url, job.concurrency)
+    loop = asyncio.get_running_loop()
+    window_start = time.perf_counter() + job.warmup
+    window_end = window_start + job.seconds
+    sequence = itertools.count()
 
-        async def user() -> None:
-            while (started := time.perf_counter()) < window_end:
-                error = await _post_viewer(session, job.url, f"{job.id_prefix}-{next(sequence)}")
-                done = time.perf_counter()
-                result.job_requests += 1
-                if window_start <= done < window_end:
-                    if error is None:
-                        result.latencies_ms.append((done - started) * 1000)
-                    else:
-                        result.errors[error] += 1
+    async def post(user_id: str) -> str | None:
+        answer: asyncio.Future[str | None] = loop.create_future()
+        # An answer after the timeout finds the future cancelled and is dropped.
+        pool.post(viewer_body(user_id), lambda error: None if answer.done() else answer.set_result(error))
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_SECONDS):
+                return await answer
+        except TimeoutError:
+            return "TimeoutError"
 
+    async def user() -> None:
+        while (started := time.perf_counter()) < window_end:
+            error = await post(f"{job.id_prefix}-{next(sequence)}")
+            done = time.perf_counter()
+            result.job_requests += 1
+            if window_start <= done < window_end:
+                if error is None:
+                    result.latencies_ms.append((done - started) * 1000)
+                else:
+                    result.errors[error] += 1
+
+    try:
         await asyncio.gather(*(user() for _ in range(job.concurrency)))
+    finally:
+        pool.close()
     result.job_seconds = time.perf_counter() - job_started
     result.generator_cpu_seconds = cpu_seconds_of_this_process() - cpu_started
     return result
@@ -176,8 +172,7 @@ async def _open_loop(job: OpenLoopJob) -> LoadResult:
             if index >= first_measured:
                 result.sent += 1
                 result.send_lag_ms.append((now - scheduled) * 1000)
-            body = b'{"userId":"' + f"{job.id_prefix}-{index}".encode("ascii") + b'"}'
-            pool.post(body, answers.sent(index, scheduled))
+            pool.post(viewer_body(f"{job.id_prefix}-{index}"), answers.sent(index, scheduled))
             index += 1
     await answers.wait(REQUEST_TIMEOUT_SECONDS)
     pool.close()
